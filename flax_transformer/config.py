@@ -1,0 +1,134 @@
+"""`TransformerConfig`: every hyperparameter of the model, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .kernels import ACTIVATIONS, IMPLEMENTATIONS
+
+NORMS = ("post", "pre")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyperparameters of the encoder-decoder Transformer (defaults: the paper's base model).
+
+    norm: "post" is the paper's Add&Norm, LayerNorm(x + Sublayer(x)); "pre" is
+        x + Sublayer(LayerNorm(x)) with a final LayerNorm after each stack.
+    dtype: compute dtype ("bfloat16" on GPU/TPU); param_dtype: storage dtype of parameters.
+    attention_impl: "vmap" (reference), "xla" (jax.nn.dot_product_attention) or "blockwise".
+    share_embeddings: one embedding table for source and target (needs equal vocab sizes).
+    tie_output: the pre-softmax projection reuses the target embedding matrix.
+    remat: recompute each layer's activations in the backward pass (less memory, more FLOPs).
+    """
+
+    src_vocab_size: int = 32000
+    tgt_vocab_size: int = 32000
+    d_model: int = 512
+    num_heads: int = 8
+    d_ff: int = 2048
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    max_len: int = 256
+    norm: str = "post"
+    activation: str = "relu"
+    share_embeddings: bool = False
+    tie_output: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_impl: str = "xla"
+    attention_block_size: int = 512
+    layer_norm_epsilon: float = 1e-6
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "d_ff",
+                     "num_encoder_layers", "num_decoder_layers", "max_len",
+                     "attention_block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.src_vocab_size < 4 or self.tgt_vocab_size < 4:
+            raise ValueError(
+                "src_vocab_size and tgt_vocab_size must be >= 4 (ids 0-3 are pad, bos, eos, unk), "
+                f"got {self.src_vocab_size} and {self.tgt_vocab_size}"
+            )
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                "choose num_heads that divides d_model (e.g. d_model=512, num_heads=8)"
+            )
+        if self.d_model % 2:
+            raise ValueError(f"d_model must be even for sinusoidal positions, got {self.d_model}")
+        for name in ("dropout_rate", "attention_dropout_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if self.layer_norm_epsilon <= 0:
+            raise ValueError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+        choices = {"norm": NORMS, "activation": tuple(ACTIVATIONS),
+                   "dtype": DTYPES, "param_dtype": DTYPES, "attention_impl": IMPLEMENTATIONS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not known; choose one of {allowed}"
+                )
+        if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
+            raise ValueError(
+                "share_embeddings=True needs src_vocab_size == tgt_vocab_size, got "
+                f"{self.src_vocab_size} and {self.tgt_vocab_size}; use one joint vocabulary "
+                "or set share_embeddings=False"
+            )
+        if self.attention_dropout_rate > 0 and self.attention_impl != "vmap":
+            raise ValueError(
+                f"attention_dropout_rate > 0 is only supported by attention_impl='vmap', "
+                f"got attention_impl={self.attention_impl!r}; set attention_impl='vmap' or "
+                "attention_dropout_rate=0"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    def replace(self, **overrides: Any) -> TransformerConfig:
+        """A copy with `overrides` applied (validated); unknown fields raise ValueError."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown TransformerConfig field(s) {unknown}; known fields: {sorted(known)}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
+        return cls().replace(**values)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
+        """A named configuration, `"tiny"`, `"small"`, `"base"` or `"big"`, with overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"preset {name!r} is not known; choose one of {sorted(PRESETS)}")
+        return cls().replace(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: a few thousand parameters, compiles in seconds.
+    "tiny": dict(src_vocab_size=32, tgt_vocab_size=32, d_model=32, num_heads=4, d_ff=64,
+                 num_encoder_layers=2, num_decoder_layers=2, max_len=64, dropout_rate=0.0),
+    # A CPU-sized model for real tasks such as G2P.
+    "small": dict(d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=3,
+                  num_decoder_layers=3, max_len=128),
+    # The paper's base and big models (Table 3).
+    "base": dict(d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6,
+                 num_decoder_layers=6, dropout_rate=0.1),
+    "big": dict(d_model=1024, num_heads=16, d_ff=4096, num_encoder_layers=6,
+                num_decoder_layers=6, dropout_rate=0.3),
+}

@@ -1,0 +1,259 @@
+"""Tasks (encoded splits + tokenizers + metric) and the registry behind ``load_task``.
+
+Token convention for every task: sources and targets are lists of ids that end with eos (2) and
+carry no bos. Training code builds the decoder input as ``[bos] + tgt[:-1]`` (see
+``batching.make_batches``); predictions are read up to their first eos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flax_transformer.data.subword import SubwordTokenizer
+from flax_transformer.data.vocab import Vocab, strip_special
+
+SPLITS = ("train", "valid", "test")
+TASK_FILE = "task.json"
+Tokenizer = Vocab | SubwordTokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One encoded example. ``refs`` holds every acceptable reference for the metric."""
+
+    src: list[int]
+    tgt: list[int]
+    refs: tuple[Any, ...] = ()
+
+
+@dataclass
+class Task:
+    """A dataset ready for training: encoded splits, tokenizers and the task metric.
+
+    The base class treats text as whitespace-separated symbols and scores sequence accuracy
+    (exact match of the ids before eos); subclasses change tokenization and metric.
+    """
+
+    name: str
+    src_vocab: Tokenizer
+    tgt_vocab: Tokenizer
+    train: list[Example]
+    valid: list[Example]
+    test: list[Example]
+    metric_name: str = "sequence_accuracy"
+    higher_is_better: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def src_vocab_size(self) -> int:
+        return len(self.src_vocab)
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        return len(self.tgt_vocab)
+
+    @property
+    def shared_vocab(self) -> bool:
+        return self.src_vocab is self.tgt_vocab
+
+    def split(self, name: str) -> list[Example]:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return getattr(self, name)
+
+    def source_symbols(self, text: str) -> list[str]:
+        return text.split()
+
+    def target_symbols(self, text: str) -> list[str]:
+        return text.split()
+
+    def encode_source(self, text: str) -> list[int]:
+        """Source ids of ``text``, ending with eos."""
+        return self.src_vocab.encode(self.source_symbols(text), add_eos=True)
+
+    def encode_target(self, text: str) -> list[int]:
+        """Target ids of ``text``, ending with eos (no bos)."""
+        return self.tgt_vocab.encode(self.target_symbols(text), add_eos=True)
+
+    def decode_source(self, ids: Sequence[int]) -> str:
+        return " ".join(self.src_vocab.decode(ids))
+
+    def decode_target(self, ids: Sequence[int]) -> str:
+        """Text of the ids up to the first eos (pad and bos skipped)."""
+        return " ".join(self.tgt_vocab.decode(ids))
+
+    def score(self, predictions: Sequence[Sequence[int]], examples: Sequence[Example]) -> dict:
+        """Sequence accuracy: fraction of predictions equal to the target (up to eos)."""
+        check_predictions(predictions, examples)
+        hits = sum(strip_special(p) == strip_special(e.tgt) for p, e in zip(predictions, examples))
+        return {self.metric_name: hits / len(examples), "num_examples": len(examples)}
+
+    def save_tokenizers(self, directory: str | Path) -> None:
+        """Writes the tokenizers and ``task.json`` so that ``restore_task`` can rebuild them."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        files = {"src": _save_tokenizer(self.src_vocab, directory, "src")}
+        files["tgt"] = (
+            files["src"] if self.shared_vocab else _save_tokenizer(self.tgt_vocab, directory, "tgt")
+        )
+        meta = {
+            "name": self.name,
+            "class": f"{type(self).__module__}:{type(self).__qualname__}",
+            "metric_name": self.metric_name,
+            "higher_is_better": self.higher_is_better,
+            "files": files,
+            "info": self.info,
+        }
+        (directory / TASK_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+
+
+def check_predictions(predictions: Sequence[Any], examples: Sequence[Example]) -> None:
+    if len(predictions) != len(examples):
+        raise ValueError(f"got {len(predictions)} predictions for {len(examples)} examples")
+    if not examples:
+        raise ValueError("no examples to score")
+
+
+def _save_tokenizer(tokenizer: Tokenizer, directory: Path, stem: str) -> str:
+    if isinstance(tokenizer, Vocab):
+        name = f"{stem}_vocab.json"
+        tokenizer.save(directory / name)
+    elif isinstance(tokenizer, SubwordTokenizer):
+        name = f"{stem}_subword.model"
+        (directory / name).write_bytes(tokenizer.model_proto)
+    else:
+        raise TypeError(f"cannot save tokenizer of type {type(tokenizer).__name__}")
+    return name
+
+
+def _load_tokenizer(path: Path) -> Tokenizer:
+    return Vocab.load(path) if path.suffix == ".json" else SubwordTokenizer.load(path)
+
+
+def load_tokenizers(directory: str | Path) -> tuple[Tokenizer, Tokenizer]:
+    """The (source, target) tokenizers saved by ``Task.save_tokenizers``; shared stays shared."""
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    src = _load_tokenizer(directory / meta["files"]["src"])
+    same = meta["files"]["tgt"] == meta["files"]["src"]
+    tgt = src if same else _load_tokenizer(directory / meta["files"]["tgt"])
+    return src, tgt
+
+
+def restore_task(directory: str | Path) -> Task:
+    """A task with the saved tokenizers and metric but empty splits (for prediction)."""
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    module_name, _, class_name = meta["class"].partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TypeError(f"{directory / TASK_FILE}: {meta['class']!r} is not a Task class")
+    src, tgt = load_tokenizers(directory)
+    return cls(
+        name=meta["name"],
+        src_vocab=src,
+        tgt_vocab=tgt,
+        train=[],
+        valid=[],
+        test=[],
+        metric_name=meta["metric_name"],
+        higher_is_better=meta["higher_is_better"],
+        info=meta.get("info", {}),
+    )
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    path = directory / TASK_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {TASK_FILE} in {directory}; save it with Task.save_tokenizers")
+    return json.loads(path.read_text())
+
+
+def stable_fraction(key: str) -> float:
+    """A number in [0, 1) from the md5 of ``key``: the same on every run and machine."""
+    digest = hashlib.md5(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def hash_split(key: str, fractions: Sequence[float] = (0.9, 0.05, 0.05)) -> str:
+    """The split ('train', 'valid' or 'test') that ``key`` belongs to, by stable hash."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
+        raise ValueError(
+            f"split fractions must be 3 non-negative numbers summing to 1: {fractions}"
+        )
+    x = stable_fraction(key)
+    if x < fractions[0]:
+        return "train"
+    return "valid" if x < fractions[0] + fractions[1] else "test"
+
+
+def cap(examples: list[Example], max_examples: int | None) -> list[Example]:
+    """The first ``max_examples`` examples (all if None)."""
+    if max_examples is None:
+        return examples
+    if max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+    return examples[:max_examples]
+
+
+def reject_options(task: str, **options: Any) -> None:
+    """Raises ValueError if an option that ``task`` does not use was given."""
+    given = sorted(k for k, v in options.items() if v is not None)
+    if given:
+        raise ValueError(f"task {task!r} does not take option(s): {', '.join(given)}")
+
+
+_REGISTRY: dict[str, str | Callable[..., Task]] = {
+    "g2p": "flax_transformer.data.g2p:load_g2p_task",
+    "translate": "flax_transformer.data.translate:load_translate_task",
+    "copy": "flax_transformer.data.synthetic:load_copy_task",
+    "reverse": "flax_transformer.data.synthetic:load_reverse_task",
+}
+
+
+def register_task(name: str, loader: Callable[..., Task]) -> None:
+    """Adds a task loader; it is called with the keyword arguments of ``load_task``."""
+    _REGISTRY[name] = loader
+
+
+def available_tasks() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def load_task(
+    name: str,
+    *,
+    seed: int = 0,
+    train_file: str | Path | None = None,
+    valid_file: str | Path | None = None,
+    test_file: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    max_examples: int | None = None,
+    tokenizer_dir: str | Path | None = None,
+    **options: Any,
+) -> Task:
+    """Loads a registered task. ``max_examples`` caps every split; ``tokenizer_dir`` reuses
+    tokenizers saved by ``Task.save_tokenizers`` instead of building new ones. Task-specific
+    ``options`` are passed through to the loader."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(available_tasks())}")
+    loader = _REGISTRY[name]
+    if isinstance(loader, str):
+        module_name, _, func_name = loader.partition(":")
+        loader = getattr(importlib.import_module(module_name), func_name)
+    return loader(
+        seed=seed,
+        train_file=train_file,
+        valid_file=valid_file,
+        test_file=test_file,
+        data_dir=data_dir,
+        max_examples=max_examples,
+        tokenizer_dir=tokenizer_dir,
+        **options,
+    )

@@ -1,0 +1,19 @@
+"""Pure JAX kernels (no Flax): attention, feed-forward, masks, positional encodings."""
+
+from .attention import IMPLEMENTATIONS, multi_head_attention, single_head_attention
+from .feed_forward import ACTIVATIONS, feed_forward, get_activation
+from .masks import causal_mask, combine_masks, padding_mask
+from .positional import sinusoidal_positions
+
+__all__ = [
+    "ACTIVATIONS",
+    "IMPLEMENTATIONS",
+    "causal_mask",
+    "combine_masks",
+    "feed_forward",
+    "get_activation",
+    "multi_head_attention",
+    "padding_mask",
+    "single_head_attention",
+    "sinusoidal_positions",
+]

@@ -1,0 +1,164 @@
+"""Scaled dot-product attention: one head, then many heads.
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V
+
+Layout follows `jax.nn.dot_product_attention`: q [B, Tq, H, Dk], k [B, Tk, H, Dk],
+v [B, Tk, H, Dv]. Masks are boolean, True = may attend, broadcastable to [B, H, Tq, Tk].
+Scores and softmax are computed in float32 whatever the input dtype; a query whose keys are
+all masked returns zeros, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from .masks import causal_mask, check_mask_shape, combine_masks
+
+IMPLEMENTATIONS = ("vmap", "xla", "blockwise")
+
+
+def single_head_attention(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    mask: jnp.ndarray | None = None,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jnp.ndarray:
+    """One attention head, exactly as in the paper.
+
+    q: [Tq, Dk], k: [Tk, Dk], v: [Tk, Dv], mask: [Tq, Tk] bool (True = attend) -> [Tq, Dv]
+
+    scores = q k^T / sqrt(Dk); masked scores are excluded; softmax over keys (float32);
+    optional dropout on the attention weights; output = weights v.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # float32, or float64 when inputs are
+    scores = jnp.einsum("qd,kd->qk", q, k, preferred_element_type=acc) * scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(acc).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    if mask is not None:
+        # A fully masked row would otherwise be uniform; zero it (and masked entries).
+        weights = jnp.where(mask, weights, 0.0)
+    if dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("qk,kd->qd", weights.astype(v.dtype), v, preferred_element_type=acc)
+    return out.astype(q.dtype)
+
+
+def _vmap_heads(q, k, v, mask, dropout_rate, dropout_rng):
+    """`single_head_attention` vmapped over heads, then over the batch (the reference path)."""
+    batch, _, heads, _ = q.shape
+    rngs = None
+    if dropout_rate > 0.0:
+        rngs = jax.random.split(dropout_rng, (batch, heads))
+    # Broadcast (size-1) mask axes are dropped and not vmapped, so they are never materialised.
+    head_axis = batch_axis = None
+    if mask is not None:
+        head_axis = 0 if mask.shape[1] > 1 else None
+        batch_axis = 0 if mask.shape[0] > 1 else None
+        mask = mask if head_axis is not None else mask[:, 0]
+        mask = mask if batch_axis is not None else mask[0]
+    rng_axis = None if rngs is None else 0
+
+    def head(qh, kh, vh, mh, rh):
+        return single_head_attention(qh, kh, vh, mh, dropout_rate=dropout_rate, dropout_rng=rh)
+
+    per_head = jax.vmap(head, in_axes=(1, 1, 1, head_axis, rng_axis), out_axes=1)
+    per_example = jax.vmap(per_head, in_axes=(0, 0, 0, batch_axis, rng_axis))
+    return per_example(q, k, v, mask, rngs)
+
+
+def _xla(q, k, v, mask, causal):
+    """`jax.nn.dot_product_attention`, with fully masked query rows set to zero."""
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+    if mask is None:
+        return out  # causal alone never masks a whole row (query i always sees key 0)
+    full = combine_masks(mask, causal_mask(q.shape[1], k.shape[1]) if causal else None)
+    row_valid = jnp.any(full, axis=-1)  # [B|1, H|1, Tq]
+    return out * jnp.transpose(row_valid, (0, 2, 1))[..., None].astype(out.dtype)
+
+
+def check_attention_inputs(q, k, v, mask, implementation, dropout_rate, dropout_rng) -> None:
+    """Host-side validation of `multi_head_attention` arguments (shapes only, no compute)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation={implementation!r} is not known; choose one of {IMPLEMENTATIONS}"
+        )
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be [batch, length, heads, head_dim], got {x.shape}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
+    if not (q.shape[2] == k.shape[2] == v.shape[2]):
+        raise ValueError(f"head counts differ: q {q.shape}, k {k.shape}, v {v.shape}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k head_dim differ: q {q.shape}, k {k.shape}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v lengths differ: k {k.shape}, v {v.shape}")
+    if implementation == "xla" and v.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"implementation='xla' needs v head_dim == k head_dim, got k {k.shape}, v {v.shape}; "
+            "use implementation='vmap'"
+        )
+    if mask is not None:
+        check_mask_shape(tuple(mask.shape), (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    if dropout_rate > 0.0:
+        if implementation == "xla":
+            raise ValueError(
+                "implementation='xla' (jax.nn.dot_product_attention) has no attention dropout; "
+                "use implementation='vmap' or set dropout_rate=0"
+            )
+        if implementation == "blockwise":
+            raise ValueError(
+                "implementation='blockwise' has no attention dropout; "
+                "use implementation='vmap' or set dropout_rate=0"
+            )
+        if dropout_rng is None:
+            raise ValueError("dropout_rate > 0 needs a dropout_rng (a jax.random key)")
+
+
+def multi_head_attention(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    mask: jnp.ndarray | None = None,
+    *,
+    causal: bool = False,
+    implementation: str = "vmap",
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    block_size: int = 512,
+) -> jnp.ndarray:
+    """Attention in every head independently.
+
+    q: [B, Tq, H, Dk], k: [B, Tk, H, Dk], v: [B, Tk, H, Dv],
+    mask: bool, broadcastable to [B, H, Tq, Tk] (True = attend) or None  ->  [B, Tq, H, Dv]
+
+    causal: also apply `causal_mask(Tq, Tk)` (query i attends keys j <= i + Tk - Tq).
+    implementation:
+      "vmap"      `single_head_attention` vmapped over heads and batch (the reference);
+      "xla"       `jax.nn.dot_product_attention` (no attention dropout);
+      "blockwise" online softmax over key/query blocks of `block_size`, memory O(T) per head.
+    """
+    check_attention_inputs(q, k, v, mask, implementation, dropout_rate, dropout_rng)
+    if implementation == "xla":
+        if causal and q.shape[1] != k.shape[1]:
+            # jax.nn aligns the causal mask top-left; ours aligns it to the end (decoding).
+            mask, causal = combine_masks(mask, causal_mask(q.shape[1], k.shape[1])), False
+        return _xla(q, k, v, mask, causal)
+    if implementation == "blockwise":
+        from .blockwise import blockwise_attention
+
+        return blockwise_attention(q, k, v, mask, causal=causal, block_size=block_size)
+    if causal:
+        mask = combine_masks(mask, causal_mask(q.shape[1], k.shape[1]))
+    return _vmap_heads(q, k, v, mask, dropout_rate, dropout_rng)

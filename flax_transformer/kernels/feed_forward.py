@@ -1,0 +1,53 @@
+"""Position-wise feed-forward network: FFN(x) = act(x W1 + b1) W2 + b2."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+def get_activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    """The activation function called `name`; ValueError listing the choices otherwise."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"activation={name!r} is not known; choose one of {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+def feed_forward(
+    x: jnp.ndarray,
+    w1: jnp.ndarray,
+    b1: jnp.ndarray | None,
+    w2: jnp.ndarray,
+    b2: jnp.ndarray | None,
+    *,
+    activation: str = "relu",
+) -> jnp.ndarray:
+    """The paper's FFN applied to every position independently.
+
+    x: [..., D]; w1: [D, F]; b1: [F]; w2: [F, D]; b2: [D]  ->  [..., D]
+    """
+    act = get_activation(activation)
+    if x.shape[-1] != w1.shape[0] or w1.shape[1] != w2.shape[0]:
+        raise ValueError(
+            f"feed_forward: shapes do not chain: x {x.shape}, w1 {w1.shape}, w2 {w2.shape}"
+        )
+    h = x @ w1
+    if b1 is not None:
+        h = h + b1
+    h = act(h)
+    y = h @ w2
+    if b2 is not None:
+        y = y + b2
+    return y

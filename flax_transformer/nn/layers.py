@@ -1,0 +1,133 @@
+"""Feed-forward, Add&Norm, encoder and decoder layers, and the N-layer stacks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax.numpy as jnp
+from flax import nnx
+
+from ..config import TransformerConfig
+from ..kernels import feed_forward
+from .attention import MultiHeadAttention, glorot
+
+
+class FeedForward(nnx.Module):
+    """FFN(x) = act(x W1 + b1) W2 + b2, applied to each position: [B, T, D] -> [B, T, D]"""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        d, f, pdt = config.d_model, config.d_ff, jnp.dtype(config.param_dtype)
+        self.activation = config.activation
+        self.dtype = jnp.dtype(config.dtype)
+        self.w1 = nnx.Param(glorot()(rngs.params(), (d, f), pdt))
+        self.b1 = nnx.Param(jnp.zeros((f,), pdt))
+        self.w2 = nnx.Param(glorot()(rngs.params(), (f, d), pdt))
+        self.b2 = nnx.Param(jnp.zeros((d,), pdt))
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        cast = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        return feed_forward(x.astype(self.dtype), cast(self.w1), cast(self.b1), cast(self.w2),
+                            cast(self.b2), activation=self.activation)
+
+
+class AddNorm(nnx.Module):
+    """The residual connection around a sub-layer, with dropout and LayerNorm.
+
+    "post" (the paper): LayerNorm(x + Dropout(Sublayer(x)));
+    "pre":              x + Dropout(Sublayer(LayerNorm(x))).
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.pre_norm = config.norm == "pre"
+        self.norm = layer_norm(config, rngs=rngs)
+        self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+
+    def __call__(self, x: jnp.ndarray, sublayer: Callable[[jnp.ndarray], jnp.ndarray]):
+        if self.pre_norm:
+            return x + self.dropout(sublayer(self.norm(x)))
+        return self.norm(x + self.dropout(sublayer(x)))
+
+
+def layer_norm(config: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm over d_model; statistics in float32, output in the compute dtype."""
+    return nnx.LayerNorm(config.d_model, epsilon=config.layer_norm_epsilon,
+                         dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
+                         rngs=rngs)
+
+
+class EncoderLayer(nnx.Module):
+    """Multi-head self-attention, then the feed-forward network, each followed by Add&Norm."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.self_attention = MultiHeadAttention(config, rngs=rngs)
+        self.add_norm_1 = AddNorm(config, rngs=rngs)
+        self.feed_forward = FeedForward(config, rngs=rngs)
+        self.add_norm_2 = AddNorm(config, rngs=rngs)
+
+    def __call__(self, x: jnp.ndarray, src_mask: jnp.ndarray | None) -> jnp.ndarray:
+        """x: [B, S, D]; src_mask: [B, 1, 1, S] (True = real token)  ->  [B, S, D]"""
+        x = self.add_norm_1(x, lambda h: self.self_attention(h, mask=src_mask))
+        return self.add_norm_2(x, self.feed_forward)
+
+
+class DecoderLayer(nnx.Module):
+    """Masked self-attention, encoder-decoder attention, feed-forward; each then Add&Norm."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.self_attention = MultiHeadAttention(config, rngs=rngs)
+        self.add_norm_1 = AddNorm(config, rngs=rngs)
+        self.cross_attention = MultiHeadAttention(config, rngs=rngs)
+        self.add_norm_2 = AddNorm(config, rngs=rngs)
+        self.feed_forward = FeedForward(config, rngs=rngs)
+        self.add_norm_3 = AddNorm(config, rngs=rngs)
+
+    def __call__(self, y: jnp.ndarray, memory: jnp.ndarray,
+                 src_mask: jnp.ndarray | None) -> jnp.ndarray:
+        """y: [B, T, D] target states; memory: [B, S, D] encoder output;
+        src_mask: [B, 1, 1, S]  ->  [B, T, D]. Position t sees targets <= t only."""
+        y = self.add_norm_1(y, lambda h: self.self_attention(h, causal=True))
+        y = self.add_norm_2(y, lambda h: self.cross_attention(h, memory, src_mask))
+        return self.add_norm_3(y, self.feed_forward)
+
+
+def _run_layers(layers, x, *args, remat: bool):
+    """Apply `layers` in order; with `remat`, recompute each layer in the backward pass."""
+    for layer in layers:
+        if remat:
+            x = nnx.remat(lambda mdl, h, *a: mdl(h, *a))(layer, x, *args)
+        else:
+            x = layer(x, *args)
+    return x
+
+
+class Encoder(nnx.Module):
+    """N identical encoder layers (plus a final LayerNorm with pre-norm)."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.remat = config.remat
+        self.layers = nnx.List(
+            [EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)]
+        )
+        self.final_norm = layer_norm(config, rngs=rngs) if config.norm == "pre" else None
+
+    def __call__(self, x: jnp.ndarray, src_mask: jnp.ndarray | None) -> jnp.ndarray:
+        """x: [B, S, D] embedded source; src_mask: [B, 1, 1, S]  ->  memory [B, S, D]"""
+        x = _run_layers(self.layers, x, src_mask, remat=self.remat)
+        return x if self.final_norm is None else self.final_norm(x)
+
+
+class Decoder(nnx.Module):
+    """N identical decoder layers (plus a final LayerNorm with pre-norm)."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.remat = config.remat
+        self.layers = nnx.List(
+            [DecoderLayer(config, rngs=rngs) for _ in range(config.num_decoder_layers)]
+        )
+        self.final_norm = layer_norm(config, rngs=rngs) if config.norm == "pre" else None
+
+    def __call__(self, y: jnp.ndarray, memory: jnp.ndarray,
+                 src_mask: jnp.ndarray | None) -> jnp.ndarray:
+        """y: [B, T, D] embedded targets; memory: [B, S, D]; src_mask: [B, 1, 1, S] -> [B, T, D]"""
+        y = _run_layers(self.layers, y, memory, src_mask, remat=self.remat)
+        return y if self.final_norm is None else self.final_norm(y)

