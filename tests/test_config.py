@@ -70,5 +70,7 @@ def test_unknown_preset():
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         TransformerConfig().d_model = 8

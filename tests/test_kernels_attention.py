@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,12 +135,13 @@ def test_gradients_numerically(impl, causal):
 def test_gradients_agree_between_implementations(rng):
     q, k, v = random_qkv(rng, batch=2, tq=5, tk=5, heads=2)
     mask = key_padding(rng, 2, 5)
-    grads = {
-        impl: jax.grad(lambda *a: (multi_head_attention(*a, mask, causal=True,
-                                                        implementation=impl) ** 2).sum(),
-                       argnums=(0, 1, 2))(q, k, v)
-        for impl in IMPLS
-    }
+
+    def grads(impl):
+        loss = lambda *a: (multi_head_attention(*a, mask, causal=True,  # noqa: E731
+                                                implementation=impl) ** 2).sum()
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    grads = {impl: grads(impl) for impl in IMPLS}
     for a, b in zip(grads["vmap"], grads["xla"]):
         assert relative_error(a, b) < 1e-5
 
@@ -170,8 +173,7 @@ def test_attention_dropout(rng):
 def test_works_under_jit(rng):
     q, k, v = random_qkv(rng)
     for impl in IMPLS:
-        fn = jax.jit(lambda q, k, v: multi_head_attention(q, k, v, causal=True,  # noqa: B023
-                                                          implementation=impl))
+        fn = jax.jit(functools.partial(multi_head_attention, causal=True, implementation=impl))
         assert relative_error(fn(q, k, v), reference_attention(q, k, v, causal=True)) < 1e-5
 
 
@@ -182,7 +184,8 @@ def test_works_under_jit(rng):
         (dict(mask=jnp.ones((2, 3, 5), bool)), "mask must be 4-D"),
         (dict(mask=jnp.ones((2, 2, 5, 7), bool)), "heads is 2, expected 1 or 3"),
         (dict(mask=jnp.ones((1, 1, 5, 6), bool)), "key length is 6"),
-        (dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)), r"dropout_rate must be in \[0, 1\)"),
+        (dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)),
+         r"dropout_rate must be in \[0, 1\)"),
         (dict(dropout_rate=0.1), "needs a dropout_rng"),
         (dict(dropout_rate=0.1, dropout_rng=jax.random.key(0), implementation="xla"),
          "no attention dropout"),
