@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -14,6 +17,18 @@ def glorot(in_axis=0, out_axis=-1, batch_axis=()):
     return nnx.initializers.variance_scaling(
         1.0, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis, batch_axis=batch_axis
     )
+
+
+class KVCache(NamedTuple):
+    """Projected keys and values of one attention sub-layer, kept between decoding steps.
+
+    key, value: [B, T, H, Dh]. For self-attention T is the decoding buffer length (filled up
+    to the current position); for encoder-decoder attention T is the source length.
+    A NamedTuple, hence a pytree: it passes through `jax.jit` and `lax.while_loop` as is.
+    """
+
+    key: jax.Array
+    value: jax.Array
 
 
 class MultiHeadAttention(nnx.Module):
@@ -96,3 +111,41 @@ class MultiHeadAttention(nnx.Module):
             q = self.query(x)
             k, v = self.key_value(context)
         return self.attend(q, k, v, mask, causal=causal)
+
+    # --- incremental decoding (one query position at a time) -------------------------------
+
+    def set_view(self, deterministic: bool | None = None):
+        """`nnx.view(model, deterministic=True)` turns attention dropout off in the view."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def init_self_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty self-attention cache: zero keys and values [B, max_len, H, Dh]."""
+        head_dim = self.query_kernel.shape[-1] // self.num_heads
+        shape = (batch, max_len, self.num_heads, head_dim)
+        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+
+    def cross_cache(self, memory: jnp.ndarray) -> KVCache:
+        """Keys and values of the encoder memory [B, S, D], projected once per input."""
+        return KVCache(*self.key_value(memory))
+
+    def self_attend_step(self, x: jnp.ndarray, position, cache: KVCache
+                         ) -> tuple[jnp.ndarray, KVCache]:
+        """Masked self-attention for the single new position `position` (a traced int).
+
+        x: [B, 1, D]; cache: keys/values [B, L, H, Dh] of positions < position.
+        Writes this position's key and value into the cache at `position`, attends to the keys
+        at positions <= position (the causal mask, one row of it)  ->  ([B, 1, D], new cache).
+        """
+        # Separate projections: the fused one concatenates the weights, a copy every step.
+        q, (k, v) = self.query(x), self.key_value(x)
+        start = (0, position, 0, 0)
+        key = jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start)
+        value = jax.lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start)
+        seen = jnp.arange(key.shape[1]) <= position
+        return self.attend(q, key, value, seen[None, None, None, :]), KVCache(key, value)
+
+    def cross_attend_step(self, x: jnp.ndarray, cache: KVCache,
+                          mask: jnp.ndarray | None) -> jnp.ndarray:
+        """Encoder-decoder attention of x [B, 1, D] over cached memory keys/values -> [B, 1, D]"""
+        return self.attend(self.query(x), cache.key, cache.value, mask)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax.numpy as jnp
 from flax import nnx
 
 from ..config import TransformerConfig
 from ..kernels import feed_forward
-from .attention import MultiHeadAttention, glorot
+from .attention import KVCache, MultiHeadAttention, glorot
 
 
 class FeedForward(nnx.Module):
@@ -70,6 +71,17 @@ class EncoderLayer(nnx.Module):
         return self.add_norm_2(x, self.feed_forward)
 
 
+class DecoderLayerCache(NamedTuple):
+    """What one decoder layer keeps between decoding steps (a pytree).
+
+    self_attention: keys/values of the target positions so far, [B, max_len, H, Dh] buffers;
+    cross_attention: keys/values of the encoder memory, [B, S, H, Dh], computed once.
+    """
+
+    self_attention: KVCache
+    cross_attention: KVCache
+
+
 class DecoderLayer(nnx.Module):
     """Masked self-attention, encoder-decoder attention, feed-forward; each then Add&Norm."""
 
@@ -88,6 +100,30 @@ class DecoderLayer(nnx.Module):
         y = self.add_norm_1(y, lambda h: self.self_attention(h, causal=True))
         y = self.add_norm_2(y, lambda h: self.cross_attention(h, memory, src_mask))
         return self.add_norm_3(y, self.feed_forward)
+
+    def init_cache(self, memory: jnp.ndarray, max_len: int) -> DecoderLayerCache:
+        """Empty self-attention buffers of `max_len` positions; memory [B, S, D] projected."""
+        return DecoderLayerCache(
+            self.self_attention.init_self_cache(memory.shape[0], max_len),
+            self.cross_attention.cross_cache(memory),
+        )
+
+    def decode_step(self, y: jnp.ndarray, position, cache: DecoderLayerCache,
+                    src_mask: jnp.ndarray | None) -> tuple[jnp.ndarray, DecoderLayerCache]:
+        """The layer at one new target position: y [B, 1, D] (the state at `position`);
+        same sub-layers and Add&Norm as `__call__`  ->  ([B, 1, D], updated cache)."""
+        updated = {}
+
+        def masked_self_attention(h):
+            out, updated["self"] = self.self_attention.self_attend_step(
+                h, position, cache.self_attention)
+            return out
+
+        y = self.add_norm_1(y, masked_self_attention)
+        y = self.add_norm_2(y, lambda h: self.cross_attention.cross_attend_step(
+            h, cache.cross_attention, src_mask))
+        y = self.add_norm_3(y, self.feed_forward)
+        return y, cache._replace(self_attention=updated["self"])
 
 
 def _run_layers(layers, x, *args, remat: bool):
@@ -131,3 +167,17 @@ class Decoder(nnx.Module):
         """y: [B, T, D] embedded targets; memory: [B, S, D]; src_mask: [B, 1, 1, S] -> [B, T, D]"""
         y = _run_layers(self.layers, y, memory, src_mask, remat=self.remat)
         return y if self.final_norm is None else self.final_norm(y)
+
+    def init_cache(self, memory: jnp.ndarray, max_len: int) -> tuple[DecoderLayerCache, ...]:
+        """One `DecoderLayerCache` per layer (see `DecoderLayer.init_cache`)."""
+        return tuple(layer.init_cache(memory, max_len) for layer in self.layers)
+
+    def decode_step(self, y: jnp.ndarray, position, caches: tuple[DecoderLayerCache, ...],
+                    src_mask: jnp.ndarray | None):
+        """y: [B, 1, D] embedded target at `position`  ->  ([B, 1, D], updated caches)"""
+        updated = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            y, cache = layer.decode_step(y, position, cache, src_mask)
+            updated.append(cache)
+        y = y if self.final_norm is None else self.final_norm(y)
+        return y, tuple(updated)

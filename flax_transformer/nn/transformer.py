@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from flax import nnx
 
 from ..config import TransformerConfig
 from ..kernels import padding_mask, sinusoidal_positions
-from .layers import Decoder, Encoder
+from .layers import Decoder, DecoderLayerCache, Encoder
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
@@ -48,6 +49,16 @@ def check_tokens(tokens, vocab_size: int, max_len: int, name: str) -> None:
         )
 
 
+class DecodeCache(NamedTuple):
+    """Everything a decoding step needs besides the new token (a pytree).
+
+    layers: one `DecoderLayerCache` per decoder layer; src_mask: [B, 1, 1, S] source padding.
+    """
+
+    layers: tuple[DecoderLayerCache, ...]
+    src_mask: jax.Array
+
+
 class Transformer(nnx.Module):
     """Encoder-decoder Transformer ("Attention Is All You Need").
 
@@ -78,9 +89,17 @@ class Transformer(nnx.Module):
         return self.src_embed if self.tgt_embed is None else self.tgt_embed
 
     def embed(self, tokens: jnp.ndarray, table: nnx.Embed, offset: int = 0) -> jnp.ndarray:
-        """Embedding * sqrt(d_model) + PE[offset : offset + T], then dropout: -> [B, T, D]"""
+        """Embedding * sqrt(d_model) + PE[offset : offset + T], then dropout: -> [B, T, D]
+
+        `offset` may also be a traced integer (a decoding loop's position); then the slice is
+        taken from the table of `config.max_len` positions with `lax.dynamic_slice`.
+        """
         length, d = tokens.shape[1], self.config.d_model
-        pe = _positions(offset + length, d)[offset:]
+        if isinstance(offset, int | np.integer):
+            pe = _positions(offset + length, d)[offset:]
+        else:
+            all_positions = jnp.asarray(_positions(self.config.max_len, d))
+            pe = jax.lax.dynamic_slice_in_dim(all_positions, offset, length, axis=0)
         x = table(tokens) * jnp.asarray(math.sqrt(d), self.dtype) + pe.astype(self.dtype)
         return self.embed_dropout(x)
 
@@ -116,3 +135,37 @@ class Transformer(nnx.Module):
                 "pass one target row per source row"
             )
         return self.decode(tgt, self.encode(src), padding_mask(src))
+
+    # --- incremental decoding ------------------------------------------------------------
+
+    def init_cache(self, memory: jnp.ndarray, src_mask: jnp.ndarray | None,
+                   max_len: int) -> DecodeCache:
+        """The decoding state for `max_len` target positions: empty self-attention buffers
+        [B, max_len, H, Dh] per layer and the memory's keys/values projected once.
+
+        memory: [B, S, D] from `encode`; src_mask: [B, 1, 1, S] (None: no source padding).
+        """
+        if not isinstance(max_len, int | np.integer) or not 1 <= max_len <= self.config.max_len:
+            raise ValueError(
+                f"max_len must be an integer in [1, TransformerConfig.max_len="
+                f"{self.config.max_len}], got {max_len!r}; decode fewer tokens or build the "
+                "model with a larger max_len"
+            )
+        if memory.ndim != 3:
+            raise ValueError(f"memory must be [batch, src_len, d_model], got {memory.shape}")
+        if src_mask is None:
+            src_mask = jnp.ones((memory.shape[0], 1, 1, memory.shape[1]), bool)
+        return DecodeCache(self.decoder.init_cache(memory, int(max_len)), src_mask)
+
+    def decode_step(self, token: jnp.ndarray, position,
+                    cache: DecodeCache) -> tuple[jnp.ndarray, DecodeCache]:
+        """One decoder step: token [B, 1] is the decoder input at `position` (an int or a traced
+        int; bos at 0)  ->  (logits [B, V] float32 for the next token, updated cache).
+
+        Equals `decode(tgt, ...)[:, position]` when the cache holds tgt[:, :position].
+        """
+        if token.ndim != 2 or token.shape[1] != 1:
+            raise ValueError(f"token must be [batch, 1], got shape {token.shape}")
+        y = self.embed(token, self.target_embedding, offset=position)
+        y, layers = self.decoder.decode_step(y, position, cache.layers, cache.src_mask)
+        return self.logits(y)[:, 0], cache._replace(layers=layers)

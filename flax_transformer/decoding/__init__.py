@@ -1,0 +1,16 @@
+"""Inference: greedy, sampled and beam-search decoding with a key/value cache.
+
+    from flax_transformer.decoding import greedy_decode, sample_decode, beam_search
+
+The encoder runs once per input; the decoder runs one token per step on explicit cache state
+(`Transformer.init_cache` / `Transformer.decode_step`), inside one `jax.jit`-compiled
+`lax.while_loop` per (model structure, shapes, options) that exits early once every row is
+finished. Outputs are NumPy int32 [B, L]: generated tokens without bos, eos included, pad (0)
+after it, trimmed to the longest row (L <= max_len). Pad and bos are never generated.
+"""
+
+from .beam import beam_search, gnmt_length_penalty
+from .search import filter_logits, greedy_decode, sample_decode
+
+__all__ = ["beam_search", "filter_logits", "gnmt_length_penalty", "greedy_decode",
+           "sample_decode"]

@@ -1,0 +1,155 @@
+"""Beam search with the GNMT length penalty, the beams folded into the batch.
+
+Search space: every token sequence that ends with eos within `max_len` tokens, plus every
+sequence of exactly `max_len` tokens without eos (truncated hypotheses). A hypothesis of
+`n` tokens (eos included) with log-probability `logp` scores
+
+    score = logp / lp(n),    lp(n) = ((5 + n) / 6) ** alpha    (Wu et al., 2016)
+
+where the log-probabilities exclude pad and bos (they are never generated, see
+`suppress_special`).
+
+Each step expands the `K` live beams of every input to K x V candidates and keeps the 2K
+most probable. Among those, a candidate ending in eos (or any candidate at the last step)
+is finished only if it ranks in the top K, as in fairseq: so beam_size=1 is greedy decoding.
+The K best finished hypotheses by score are kept; the K best unfinished candidates become
+the next live beams, and their self-attention caches are gathered from their parents.
+An input is done when it has K finished hypotheses and no live beam can still beat the worst
+of them (`early_stopping=False`, the default), or as soon as it has K finished hypotheses
+(`early_stopping=True`). The loop stops when every input is done or at `max_len`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..kernels import padding_mask
+from ..nn import BOS_ID, EOS_ID
+from .common import (
+    NEG_INF,
+    check_max_len,
+    check_model,
+    check_positive_int,
+    check_real,
+    merge_for_decoding,
+    prepare_source,
+    split_model,
+    suppress_special,
+    trim,
+)
+
+
+def gnmt_length_penalty(length, alpha):
+    """GNMT length normaliser lp(n) = ((5 + n) / 6) ** alpha."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def _gather_beams(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B, N, ...], index [B, K] -> x[b, index[b, k], ...] as [B, K, ...]"""
+    return jax.vmap(lambda row, i: row[i])(x, index)
+
+
+def _reorder_self_caches(cache, rows: jax.Array):
+    """Rows [B*K] of every self-attention buffer; the memory keys/values are the same for
+    all beams of an input, so they are not copied."""
+    layers = tuple(
+        layer._replace(self_attention=jax.tree.map(lambda x: x[rows], layer.self_attention))
+        for layer in cache.layers
+    )
+    return cache._replace(layers=layers)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_beam_search(graphdef, beam_size: int, max_len: int):
+    k = beam_size
+
+    def run(state, src, alpha, early_stopping):
+        model = merge_for_decoding(graphdef, state)
+        batch, vocab = src.shape[0], model.config.tgt_vocab_size
+        # The encoder runs once per input; its output is repeated for the K beams (row b*K+j).
+        memory = jnp.repeat(model.encode(src), k, axis=0)
+        cache = model.init_cache(memory, jnp.repeat(padding_mask(src), k, axis=0), max_len)
+        live_tokens = jnp.zeros((batch, k, max_len + 1), jnp.int32).at[:, :, 0].set(BOS_ID)
+        # All beams start identical: only beam 0 is live, or the first step would pick K copies.
+        live_logp = jnp.full((batch, k), NEG_INF).at[:, 0].set(0.0)
+        done_tokens = jnp.zeros((batch, k, max_len), jnp.int32)
+        done_scores = jnp.full((batch, k), NEG_INF)
+
+        def body(carry):
+            t, live_tokens, live_logp, cache, done_tokens, done_scores = carry
+            current = jax.lax.dynamic_slice_in_dim(live_tokens, t, 1, axis=2)
+            logits, cache = model.decode_step(current.reshape(batch * k, 1), t, cache)
+            logp = jax.nn.log_softmax(suppress_special(logits)).reshape(batch, k, vocab)
+            candidates = (live_logp[..., None] + logp).reshape(batch, k * vocab)
+            cand_logp, flat = jax.lax.top_k(candidates, 2 * k)  # [B, 2K], best first
+            parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+            cand_tokens = jax.lax.dynamic_update_slice(
+                _gather_beams(live_tokens, parent), token[..., None], (0, 0, t + 1))
+
+            # Finished: eos (or the last step) within the top K ranks.
+            ends = (token == EOS_ID) | (t == max_len - 1)
+            finishing = ends & (jnp.arange(2 * k) < k) & (cand_logp > NEG_INF)
+            new_scores = jnp.where(finishing, cand_logp / gnmt_length_penalty(t + 1.0, alpha),
+                                   NEG_INF)
+            pool_scores = jnp.concatenate([done_scores, new_scores], axis=1)
+            pool_tokens = jnp.concatenate([done_tokens, cand_tokens[:, :, 1:]], axis=1)
+            done_scores, best = jax.lax.top_k(pool_scores, k)
+            done_tokens = _gather_beams(pool_tokens, best)
+
+            # Live: the K most probable candidates that did not end in eos.
+            live_logp, best = jax.lax.top_k(jnp.where(token == EOS_ID, NEG_INF, cand_logp), k)
+            live_tokens = _gather_beams(cand_tokens, best)
+            rows = (jnp.arange(batch)[:, None] * k + _gather_beams(parent, best)).reshape(-1)
+            cache = _reorder_self_caches(cache, rows)
+            return t + 1, live_tokens, live_logp, cache, done_tokens, done_scores
+
+        def not_done(carry):
+            t, _, live_logp, _, _, done_scores = carry
+            worst_done = done_scores[:, -1]
+            full = worst_done > NEG_INF
+            # A live hypothesis only loses log-probability as it grows; its best possible
+            # score divides by the largest length penalty still reachable.
+            best_lp = jnp.maximum(gnmt_length_penalty(t + 1.0, alpha),
+                                  gnmt_length_penalty(float(max_len), alpha))
+            hopeless = live_logp[:, 0] / best_lp <= worst_done
+            finished = full & (early_stopping | hopeless)
+            return (t < max_len) & ~jnp.all(finished)
+
+        start = (jnp.int32(0), live_tokens, live_logp, cache, done_tokens, done_scores)
+        *_, done_tokens, done_scores = jax.lax.while_loop(not_done, body, start)
+        return done_tokens, done_scores
+
+    return jax.jit(run)
+
+
+def beam_search(model, src_tokens, *, beam_size: int = 4, max_len: int,
+                length_penalty: float = 0.6, early_stopping: bool = False,
+                return_all_beams: bool = False):
+    """Beam search (see the module docstring for the exact rules).
+
+    model: a `Transformer` (decoded in eval mode; the caller's model is not changed);
+    src_tokens: [B, S] int ids, 0 = padding; beam_size: K >= 1 hypotheses per input;
+    max_len: tokens to generate at most (<= model.config.max_len); length_penalty: alpha of
+    the GNMT penalty (0 = raw log-probability).
+
+    Returns (tokens [B, L], scores [B]): per input the best hypothesis (without bos, eos
+    included, pad after) and its length-normalised score; trailing all-pad columns trimmed.
+    With return_all_beams=True: (tokens [B, K, L], scores [B, K]), best first; a slot that
+    holds no hypothesis has score -inf.
+    """
+    check_model(model)
+    beam_size = check_positive_int(beam_size, "beam_size", "use beam_size=1 for greedy search")
+    max_len = check_max_len(model, max_len)
+    alpha = check_real(length_penalty, "length_penalty")
+    src = prepare_source(model, src_tokens)
+    graphdef, state = split_model(model)
+    fn = _compiled_beam_search(graphdef, beam_size, max_len)
+    tokens, scores = fn(state, src, jnp.float32(alpha), jnp.bool_(early_stopping))
+    tokens, scores = trim(np.asarray(tokens)), np.asarray(scores)
+    if return_all_beams:
+        return tokens, scores
+    return trim(tokens[:, 0]), scores[:, 0]

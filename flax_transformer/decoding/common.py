@@ -1,0 +1,84 @@
+"""What every decoder shares: host-side argument checks, the eval-mode split of the model,
+the tokens a decoder may never emit, and trimming of the padded output on the host."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..nn import BOS_ID, PAD_ID, Transformer, check_tokens
+
+NEG_INF = -jnp.inf
+
+
+def check_model(model) -> None:
+    if not isinstance(model, Transformer):
+        raise ValueError(
+            f"model must be a flax_transformer Transformer, got {type(model).__name__}"
+        )
+
+
+def check_max_len(model: Transformer, max_len) -> int:
+    """`max_len` counts generated tokens: an int in [1, model.config.max_len]."""
+    limit = model.config.max_len
+    if not isinstance(max_len, numbers.Integral) or isinstance(max_len, bool):
+        raise ValueError(f"max_len must be an integer number of tokens, got {max_len!r}")
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1 (tokens to generate), got {max_len}")
+    if max_len > limit:
+        raise ValueError(
+            f"max_len={max_len} exceeds TransformerConfig.max_len={limit} (the decoder has "
+            f"positions 0..{limit - 1}); pass max_len <= {limit} or build the model with a "
+            "larger max_len"
+        )
+    return int(max_len)
+
+
+def check_positive_int(value, name: str, fix: str) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}; {fix}")
+    return int(value)
+
+
+def check_real(value, name: str) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def prepare_source(model: Transformer, src_tokens) -> jax.Array:
+    """Check `src_tokens` [B, S] on the host (shape, dtype, id range, length) -> int32 array."""
+    if not hasattr(src_tokens, "shape"):
+        src_tokens = np.asarray(src_tokens)
+    check_tokens(src_tokens, model.config.src_vocab_size, model.config.max_len, "src_tokens")
+    return jnp.asarray(src_tokens, jnp.int32)
+
+
+def split_model(model: Transformer):
+    """(graphdef, state) of `model`: the hashable graphdef keys the compile caches, the state
+    is the jitted loop's argument. Cheap: the eval-mode view is built inside the trace."""
+    return nnx.split(model)
+
+
+def merge_for_decoding(graphdef, state) -> Transformer:
+    """Inside the jitted loop: the model in eval mode (dropout off). `nnx.view` changes only
+    the traced copy, so the caller's model keeps its training/eval mode."""
+    return nnx.view(nnx.merge(graphdef, state), deterministic=True)
+
+
+def suppress_special(logits: jax.Array) -> jax.Array:
+    """Pad and bos are never generated: their logits become -inf. logits: [..., V]"""
+    return logits.at[..., PAD_ID].set(NEG_INF).at[..., BOS_ID].set(NEG_INF)
+
+
+def trim(tokens: np.ndarray) -> np.ndarray:
+    """Drop trailing columns that are padding in every row ([..., L] -> [..., L'], L' >= 1)."""
+    tokens = np.asarray(tokens)
+    used = np.any(tokens.reshape(-1, tokens.shape[-1]) != PAD_ID, axis=0)
+    length = int(np.max(np.nonzero(used)[0]) + 1) if used.any() else 1
+    return tokens[..., :length]

@@ -1,0 +1,238 @@
+"""Decoding: KV-cached vs uncached greedy, sampling, beam search, EOS handling, validation.
+
+Models are random and small (one encoder layer, two decoder layers, d_model 16); tests reuse
+one config and one max_len so the compiled decoding loops are shared between them.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flax_transformer import EOS_ID, PAD_ID, Transformer, TransformerConfig
+from flax_transformer.decoding import (
+    beam_search,
+    filter_logits,
+    gnmt_length_penalty,
+    greedy_decode,
+    sample_decode,
+)
+from flax_transformer.decoding.search import _compiled_search
+from flax_transformer.kernels import padding_mask
+
+# Dropout is on (training mode): decoding must switch it off without touching the model.
+CONFIG = TransformerConfig.preset("tiny", d_model=16, num_heads=2, d_ff=32,
+                                  num_encoder_layers=1, num_decoder_layers=2,
+                                  dropout_rate=0.1, max_len=16)
+MAX_LEN = 8
+# Three sources of lengths 6, 4 and 2, padded to 6.
+SRC = np.array([[5, 6, 7, 8, 9, 10], [9, 4, 5, 6, 0, 0], [11, 12, 0, 0, 0, 0]], np.int32)
+
+
+def model_for(seed=0, **overrides):
+    return Transformer(CONFIG.replace(**overrides), rngs=nnx.Rngs(seed))
+
+
+def assert_well_formed(tokens):
+    """No pad before the first eos; only pad after it."""
+    for row in np.asarray(tokens).reshape(-1, tokens.shape[-1]):
+        eos = np.flatnonzero(row == EOS_ID)
+        end = eos[0] + 1 if eos.size else len(row)
+        assert np.all(row[:end] != PAD_ID), row
+        assert np.all(row[end:] == PAD_ID), row
+
+
+def truncate_after_eos(tokens):
+    out = np.array(tokens)
+    for row in out:
+        eos = np.flatnonzero(row == EOS_ID)
+        if eos.size:
+            row[eos[0] + 1:] = PAD_ID
+    return out
+
+
+def test_decode_step_equals_full_decoder(rng):
+    """Teacher-forced: step t of the cache API gives the logits of position t of `decode`."""
+    graphdef, state = nnx.split(model_for(0, dropout_rate=0.0))
+    tgt = jnp.asarray(np.c_[np.ones((3, 1)), rng.integers(4, 32, (3, 4))], jnp.int32)
+    src = jnp.asarray(SRC)
+
+    @jax.jit
+    def both(state, src, tgt):
+        model = nnx.merge(graphdef, state)
+        cache = model.init_cache(model.encode(src), padding_mask(src), MAX_LEN)
+
+        def step(cache, t):  # t is a traced position, as in the decoding loops
+            logits, cache = model.decode_step(
+                jax.lax.dynamic_slice_in_dim(tgt, t, 1, axis=1), t, cache)
+            return cache, logits
+
+        _, steps = jax.lax.scan(step, cache, jnp.arange(tgt.shape[1]))
+        return jnp.swapaxes(steps, 0, 1), model(src, tgt)
+
+    steps, full = both(state, src, tgt)
+    np.testing.assert_allclose(steps, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_cached_greedy_equals_uncached(norm):
+    for seed in range(3):
+        model = model_for(seed, norm=norm)
+        cached, cached_logits = greedy_decode(model, SRC, max_len=MAX_LEN, return_logits=True)
+        plain, plain_logits = greedy_decode(model, SRC, max_len=MAX_LEN, use_cache=False,
+                                            return_logits=True)
+        np.testing.assert_array_equal(cached, plain)
+        np.testing.assert_allclose(cached_logits, plain_logits, atol=1e-5, rtol=0)
+        assert cached.shape[0] == 3 and cached.shape[1] <= MAX_LEN
+        assert_well_formed(cached)
+
+
+def test_decoding_leaves_the_model_in_training_mode():
+    model = model_for(0)
+    first = greedy_decode(model, SRC, max_len=MAX_LEN)
+    np.testing.assert_array_equal(greedy_decode(model, SRC, max_len=MAX_LEN), first)
+    assert model.embed_dropout.deterministic is False
+    assert model.decoder.layers[0].add_norm_1.dropout.deterministic is False
+
+
+def test_repeated_calls_do_not_recompile():
+    greedy_decode(model_for(0), SRC, max_len=MAX_LEN)
+    misses = _compiled_search.cache_info().misses
+    sizes = [f._cache_size() for f in _cached_functions()]
+    greedy_decode(model_for(1), SRC, max_len=MAX_LEN)  # new weights, same structure
+    assert _compiled_search.cache_info().misses == misses
+    assert [f._cache_size() for f in _cached_functions()] == sizes
+
+
+def _cached_functions():
+    # lru_cache keeps no public list of values; rebuild the greedy entry (a cache hit).
+    from flax_transformer.decoding.common import split_model
+
+    graphdef, _ = split_model(model_for(0))
+    return [_compiled_search(graphdef, MAX_LEN, True, False, None, False, False)]
+
+
+def test_padded_sources_decode_like_unpadded():
+    model = model_for(0)
+    base = greedy_decode(model, SRC, max_len=MAX_LEN)  # rows padded to 6
+    alone = greedy_decode(model, SRC[1:2, :4], max_len=MAX_LEN)  # row 1 without its padding
+    np.testing.assert_array_equal(alone[0], base[1, : alone.shape[1]])
+    assert np.all(base[1, alone.shape[1]:] == PAD_ID)
+
+
+def test_beam_size_one_equals_greedy():
+    model = model_for(0)
+    greedy = greedy_decode(model, SRC, max_len=MAX_LEN)
+    tokens, scores = beam_search(model, SRC, beam_size=1, max_len=MAX_LEN, length_penalty=0.0)
+    np.testing.assert_array_equal(tokens, greedy)
+    assert scores.shape == (3,) and np.all(np.isfinite(scores))
+    # Stopping at the first finished hypothesis is greedy whatever the length penalty.
+    tokens, _ = beam_search(model, SRC, beam_size=1, max_len=MAX_LEN, length_penalty=0.6,
+                            early_stopping=True)
+    np.testing.assert_array_equal(tokens, greedy)
+
+
+def test_beam_search_finds_the_exhaustive_optimum():
+    """Vocabulary {eos, 3, 4} (+ pad, bos), 3 tokens: 15 hypotheses, at most 12 candidates a
+    step; a beam of 12 must return the best by exhaustive enumeration, and the 12 best."""
+    max_len, words = 3, (EOS_ID, 3, 4)
+    model = Transformer(CONFIG.replace(src_vocab_size=8, tgt_vocab_size=5),
+                        rngs=nnx.Rngs(3))
+    src = np.array([[4, 5, 6, 7], [7, 5, 0, 0]], np.int32)
+    hypotheses = [h for n in range(1, max_len + 1) for h in itertools.product(words, repeat=n)
+                  if EOS_ID not in h[:-1] and (h[-1] == EOS_ID or n == max_len)]
+    assert len(hypotheses) == 15
+    tgt = np.zeros((len(hypotheses), max_len), np.int32)
+    target = np.zeros_like(tgt)
+    for i, h in enumerate(hypotheses):
+        tgt[i, : len(h)] = (1,) + h[:-1]
+        target[i, : len(h)] = h
+    lengths = np.array([len(h) for h in hypotheses])
+    reference = jax.jit(nnx.view(model, deterministic=True).__call__)
+    exact = []
+    for b in range(2):
+        logits = reference(jnp.asarray(np.repeat(src[b:b + 1], len(tgt), 0)), jnp.asarray(tgt))
+        logp = jax.nn.log_softmax(logits.at[..., :2].set(-jnp.inf), axis=-1)  # no pad, bos
+        picked = np.take_along_axis(np.asarray(logp), target[..., None], -1)[..., 0]
+        exact.append(np.where(np.arange(max_len) < lengths[:, None], picked, 0).sum(-1))
+    for alpha in (0.0, 0.6, 2.0, -0.5):
+        tokens, scores = beam_search(model, src, beam_size=12, max_len=max_len,
+                                     length_penalty=alpha, return_all_beams=True)
+        assert_well_formed(tokens)
+        for b in range(2):
+            score = exact[b] / gnmt_length_penalty(lengths, alpha)
+            order = np.argsort(-score)
+            best = np.zeros(max_len, np.int32)
+            best[: lengths[order[0]]] = hypotheses[order[0]]
+            np.testing.assert_array_equal(np.pad(tokens[b, 0], (0, max_len - tokens.shape[2])),
+                                          best)
+            np.testing.assert_allclose(scores[b], score[order[:12]], rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_top_k_one_is_greedy():
+    model = model_for(0)
+    greedy = greedy_decode(model, SRC, max_len=MAX_LEN)
+    sampled = sample_decode(model, SRC, rng=jax.random.key(7), max_len=MAX_LEN, top_k=1,
+                            temperature=0.5)
+    np.testing.assert_array_equal(sampled, greedy)
+
+
+def test_sampling_is_reproducible_and_stops_at_eos():
+    """Tiny vocabulary, so eos is drawn often: rows end at different steps."""
+    model = model_for(0, tgt_vocab_size=5)
+    src = np.array([[5, 6, 7], [8, 9, 0], [10, 0, 0]], np.int32)
+    outputs = []
+    for seed in range(20):
+        key = jax.random.key(seed)
+        out = sample_decode(model, src, rng=key, max_len=MAX_LEN)
+        assert_well_formed(out)
+        np.testing.assert_array_equal(sample_decode(model, src, rng=key, max_len=MAX_LEN), out)
+        outputs.append(out)
+        # Same draws with eos ignored: the rows agree up to their eos, then pad.
+        free = sample_decode(model, src, rng=key, max_len=MAX_LEN, ignore_eos=True)
+        assert free.shape == (3, MAX_LEN)
+        np.testing.assert_array_equal(truncate_after_eos(free)[:, : out.shape[1]], out)
+        ends = [np.flatnonzero(r == EOS_ID)[:1] for r in free]
+        if all(e.size for e in ends) and len({int(e[0]) for e in ends}) > 1:
+            assert out.shape[1] < MAX_LEN  # every row finished early: the loop stopped
+            break
+    else:
+        pytest.fail("no seed made every row stop at eos at different steps")
+    assert len({o.tobytes() for o in outputs}) > 1  # different keys, different samples
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = lambda x: np.isfinite(np.asarray(x))[0].tolist()  # noqa: E731
+    assert kept(filter_logits(logits, temperature=1.0, top_k=2)) == [1, 1, 0, 0, 0]
+    assert kept(filter_logits(logits, temperature=1.0, top_p=0.5)) == [1, 0, 0, 0, 0]
+    assert kept(filter_logits(logits, temperature=1.0, top_p=0.6)) == [1, 1, 0, 0, 0]
+    assert kept(filter_logits(logits, temperature=1.0, top_p=0.86)) == [1, 1, 1, 1, 0]
+    assert kept(filter_logits(logits, temperature=2.0, top_k=9, top_p=1.0)) == [1] * 5
+    np.testing.assert_allclose(filter_logits(logits, temperature=2.0), logits / 2)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: greedy_decode(m, SRC, max_len=0), "max_len must be >= 1"),
+    (lambda m: greedy_decode(m, SRC, max_len=17), "TransformerConfig.max_len"),
+    (lambda m: greedy_decode(m, SRC + 30, max_len=4), "src_tokens holds token ids"),
+    (lambda m: greedy_decode(m, SRC - 1, max_len=4), "src_tokens holds token ids"),
+    (lambda m: greedy_decode(m, SRC.astype(float), max_len=4), "integer token ids"),
+    (lambda m: greedy_decode(m, SRC[0], max_len=4), r"src_tokens must be a \[batch, length\]"),
+    (lambda m: beam_search(m, SRC, beam_size=0, max_len=4), "beam_size"),
+    (lambda m: beam_search(m, SRC, max_len=4, length_penalty=float("nan")), "length_penalty"),
+    (lambda m: sample_decode(m, SRC, rng=jax.random.key(0), max_len=4, temperature=0.0),
+     "temperature must be > 0"),
+    (lambda m: sample_decode(m, SRC, rng=jax.random.key(0), max_len=4, temperature=-1),
+     "temperature must be > 0"),
+    (lambda m: sample_decode(m, SRC, rng=jax.random.key(0), max_len=4, top_k=0), "top_k"),
+    (lambda m: sample_decode(m, SRC, rng=jax.random.key(0), max_len=4, top_p=0.0), "top_p"),
+    (lambda m: sample_decode(m, SRC, rng="seed", max_len=4), "rng must be"),
+    (lambda m: m.init_cache(m.encode(jnp.asarray(SRC)), None, 17), "max_len"),
+])
+def test_bad_input_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(model_for(0))
