@@ -1,10 +1,27 @@
 """Flax NNX modules that own parameters and call the kernels."""
 
-from .attention import MultiHeadAttention
-from .layers import AddNorm, Decoder, DecoderLayer, Encoder, EncoderLayer, FeedForward
-from .transformer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Transformer, check_tokens
+from .attention import KVCache, MultiHeadAttention
+from .layers import (
+    AddNorm,
+    Decoder,
+    DecoderLayer,
+    DecoderLayerCache,
+    Encoder,
+    EncoderLayer,
+    FeedForward,
+)
+from .transformer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    DecodeCache,
+    Transformer,
+    check_tokens,
+)
 
 __all__ = [
-    "AddNorm", "BOS_ID", "Decoder", "DecoderLayer", "EOS_ID", "Encoder", "EncoderLayer",
+    "AddNorm", "BOS_ID", "DecodeCache", "Decoder", "DecoderLayer", "DecoderLayerCache", "EOS_ID",
+    "KVCache", "Encoder", "EncoderLayer",
     "FeedForward", "MultiHeadAttention", "PAD_ID", "Transformer", "UNK_ID", "check_tokens",
 ]
