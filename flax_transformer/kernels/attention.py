@@ -136,7 +136,7 @@ def multi_head_attention(
     implementation: str = "vmap",
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
-    block_size: int = 512,
+    block_size: int | tuple[int, int] = 512,
 ) -> jnp.ndarray:
     """Attention in every head independently.
 
@@ -147,7 +147,8 @@ def multi_head_attention(
     implementation:
       "vmap"      `single_head_attention` vmapped over heads and batch (the reference);
       "xla"       `jax.nn.dot_product_attention` (no attention dropout);
-      "blockwise" online softmax over key/query blocks of `block_size`, memory O(T) per head.
+      "blockwise" online softmax over query/key blocks, memory O(T) per head; `block_size` is
+                  an int b (tiles of b queries x b/2 keys) or a (query, key) pair.
     """
     check_attention_inputs(q, k, v, mask, implementation, dropout_rate, dropout_rng)
     if implementation == "xla":

@@ -1,0 +1,127 @@
+"""Helpers shared by the benchmark programs: machine description, timing, RESULTS.md sections."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask when the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def describe_machine() -> str:
+    """One line: CPU model, cores, memory, JAX backend and devices, library versions."""
+    parts = [f"CPU: {_cpu_model()}, {cpu_count()} cores"]
+    mem = _memory_gb()
+    if mem is not None:
+        parts.append(f"{mem:.0f} GiB RAM")
+    try:
+        import jax
+
+        devices = jax.devices()
+        kinds = sorted({d.device_kind for d in devices})
+        parts.append(f"JAX {jax.__version__} on {jax.default_backend()} "
+                     f"({len(devices)} x {', '.join(kinds)})")
+    except Exception as exc:  # noqa: BLE001 - describing the machine must never fail
+        parts.append(f"JAX unavailable ({type(exc).__name__})")
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    except ImportError:
+        pass
+    parts.append(f"Python {platform.python_version()}")
+    return "; ".join(parts)
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
+
+
+def _sync(out):
+    """Wait for asynchronous (JAX) results; other values are returned unchanged."""
+    jax = sys.modules.get("jax")  # if JAX was never imported, `out` holds no JAX arrays
+    return out if jax is None else jax.block_until_ready(out)
+
+
+def time_fn(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time in seconds of `fn(*args)` over `repeats` calls, after `warmup` calls
+    (which include any jit compilation). JAX results are waited for with block_until_ready."""
+    for _ in range(warmup):
+        _sync(fn(*args))
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        _sync(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def markdown_table(header, rows) -> str:
+    """A markdown table from a header row and data rows (cells are passed through str)."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _slug(name: str) -> str:
+    return ":".join(re.findall(r"[A-Za-z0-9_.-]+", name))
+
+
+def write_results_section(name: str, markdown_body: str, path: str | os.PathLike | None = None):
+    """Create or replace the section `## {name}` of RESULTS.md, leaving other sections intact.
+
+    The section is delimited by `<!-- {slug}:start -->` / `<!-- {slug}:end -->` markers (slug:
+    the name's words joined by ':'), so only this program's own section is ever rewritten.
+    Returns the path written.
+    """
+    path = RESULTS_PATH if path is None else Path(path)
+    slug = _slug(name)
+    start, end = f"<!-- {slug}:start -->", f"<!-- {slug}:end -->"
+    section = f"{start}\n## {name}\n\n{markdown_body.strip()}\n{end}\n"
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    if start in old and end in old and old.index(start) < old.index(end):
+        head, rest = old.split(start, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        new = head + section + ("\n" + tail if tail else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+    return path
