@@ -1,6 +1,8 @@
 """Pure JAX kernels (no Flax): attention, feed-forward, masks, positional encodings."""
 
 from .attention import IMPLEMENTATIONS, multi_head_attention, single_head_attention
+from .cross_entropy import softmax_cross_entropy
+from .dropout import dropout
 from .feed_forward import ACTIVATIONS, feed_forward, get_activation
 from .masks import causal_mask, combine_masks, padding_mask
 from .positional import sinusoidal_positions
@@ -10,10 +12,12 @@ __all__ = [
     "IMPLEMENTATIONS",
     "causal_mask",
     "combine_masks",
+    "dropout",
     "feed_forward",
     "get_activation",
     "multi_head_attention",
     "padding_mask",
     "single_head_attention",
+    "softmax_cross_entropy",
     "sinusoidal_positions",
 ]

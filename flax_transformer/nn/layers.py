@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import TransformerConfig
-from ..kernels import feed_forward
+from ..kernels import dropout, feed_forward
 from .attention import KVCache, MultiHeadAttention, glorot
 
 
@@ -31,6 +31,25 @@ class FeedForward(nnx.Module):
                             cast(self.b2), activation=self.activation)
 
 
+class Dropout(nnx.Module):
+    """Residual/embedding dropout (kernel `dropout`); off after `model.eval()` or under
+    `nnx.view(model, deterministic=True)`. Draws from the `dropout` stream of the Rngs."""
+
+    def __init__(self, rate: float, *, rngs: nnx.Rngs):
+        self.rate = rate
+        self.deterministic = False
+        self.rngs = rngs.dropout.fork() if rate > 0 else None
+
+    def set_view(self, deterministic: bool | None = None):
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.rate == 0.0 or self.deterministic:
+            return x
+        return dropout(x, self.rate, self.rngs())
+
+
 class AddNorm(nnx.Module):
     """The residual connection around a sub-layer, with dropout and LayerNorm.
 
@@ -41,7 +60,7 @@ class AddNorm(nnx.Module):
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.pre_norm = config.norm == "pre"
         self.norm = layer_norm(config, rngs=rngs)
-        self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+        self.dropout = Dropout(config.dropout_rate, rngs=rngs)
 
     def __call__(self, x: jnp.ndarray, sublayer: Callable[[jnp.ndarray], jnp.ndarray]):
         if self.pre_norm:

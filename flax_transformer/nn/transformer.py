@@ -13,7 +13,7 @@ from flax import nnx
 
 from ..config import TransformerConfig
 from ..kernels import padding_mask, sinusoidal_positions
-from .layers import Decoder, DecoderLayerCache, Encoder
+from .layers import Decoder, DecoderLayerCache, Dropout, Encoder
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
@@ -75,7 +75,7 @@ class Transformer(nnx.Module):
                                     embedding_init=init, rngs=rngs)
         self.src_embed = embed(config.src_vocab_size)
         self.tgt_embed = None if config.share_embeddings else embed(config.tgt_vocab_size)
-        self.embed_dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+        self.embed_dropout = Dropout(config.dropout_rate, rngs=rngs)
         self.encoder = Encoder(config, rngs=rngs)
         self.decoder = Decoder(config, rngs=rngs)
         if config.tie_output:
