@@ -4,6 +4,7 @@ from .attention import IMPLEMENTATIONS, multi_head_attention, single_head_attent
 from .cross_entropy import softmax_cross_entropy
 from .dropout import dropout
 from .feed_forward import ACTIVATIONS, feed_forward, get_activation
+from .layer_norm import layer_norm
 from .masks import causal_mask, combine_masks, padding_mask
 from .positional import sinusoidal_positions
 
@@ -15,6 +16,7 @@ __all__ = [
     "dropout",
     "feed_forward",
     "get_activation",
+    "layer_norm",
     "multi_head_attention",
     "padding_mask",
     "single_head_attention",

@@ -22,8 +22,11 @@ def dropout(x: jnp.ndarray, rate: float, key: jax.Array | None) -> jnp.ndarray:
     if key is None:
         raise ValueError("dropout with rate > 0 needs a random key")
     threshold = round(rate * 65536)
-    halves = -(-x.size // 2)
-    bits = jax.random.bits(key, (halves,), jnp.uint32)
-    uniform16 = jnp.concatenate([bits & 0xFFFF, bits >> 16])[: x.size].reshape(x.shape)
+    if x.size % 2:  # odd sizes: one 32-bit draw per element, its low 16 bits used
+        uniform16 = jax.random.bits(key, x.shape, jnp.uint32) & 0xFFFF
+    else:  # x viewed as [2, n/2]: row r uses bits r*16 .. r*16+15 of the same draw
+        bits = jax.random.bits(key, (1, x.size // 2), jnp.uint32)
+        shift = jnp.array([[0], [16]], jnp.uint32)
+        uniform16 = ((bits >> shift) & 0xFFFF).reshape(x.shape)
     scale = jnp.where(uniform16 >= threshold, 1.0 / (1.0 - rate), 0.0).astype(x.dtype)
     return x * scale

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import TransformerConfig
-from ..kernels import dropout, feed_forward
+from ..kernels import dropout, feed_forward, layer_norm
 from .attention import KVCache, MultiHeadAttention, glorot
 
 
@@ -59,7 +59,7 @@ class AddNorm(nnx.Module):
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.pre_norm = config.norm == "pre"
-        self.norm = layer_norm(config, rngs=rngs)
+        self.norm = LayerNorm(config, rngs=rngs)
         self.dropout = Dropout(config.dropout_rate, rngs=rngs)
 
     def __call__(self, x: jnp.ndarray, sublayer: Callable[[jnp.ndarray], jnp.ndarray]):
@@ -68,11 +68,19 @@ class AddNorm(nnx.Module):
         return self.norm(x + self.dropout(sublayer(x)))
 
 
-def layer_norm(config: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """LayerNorm over d_model; statistics in float32, output in the compute dtype."""
-    return nnx.LayerNorm(config.d_model, epsilon=config.layer_norm_epsilon,
-                         dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
-                         rngs=rngs)
+class LayerNorm(nnx.Module):
+    """LayerNorm over d_model (kernel `layer_norm`): float32 statistics, compute-dtype output."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs | None = None):
+        pdt = jnp.dtype(config.param_dtype)
+        self.epsilon = config.layer_norm_epsilon
+        self.dtype = jnp.dtype(config.dtype)
+        self.scale = nnx.Param(jnp.ones((config.d_model,), pdt))
+        self.bias = nnx.Param(jnp.zeros((config.d_model,), pdt))
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        y = layer_norm(x, self.scale[...], self.bias[...], epsilon=self.epsilon)
+        return y.astype(self.dtype)
 
 
 class EncoderLayer(nnx.Module):
@@ -163,7 +171,7 @@ class Encoder(nnx.Module):
         self.layers = nnx.List(
             [EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)]
         )
-        self.final_norm = layer_norm(config, rngs=rngs) if config.norm == "pre" else None
+        self.final_norm = LayerNorm(config, rngs=rngs) if config.norm == "pre" else None
 
     def __call__(self, x: jnp.ndarray, src_mask: jnp.ndarray | None) -> jnp.ndarray:
         """x: [B, S, D] embedded source; src_mask: [B, 1, 1, S]  ->  memory [B, S, D]"""
@@ -179,7 +187,7 @@ class Decoder(nnx.Module):
         self.layers = nnx.List(
             [DecoderLayer(config, rngs=rngs) for _ in range(config.num_decoder_layers)]
         )
-        self.final_norm = layer_norm(config, rngs=rngs) if config.norm == "pre" else None
+        self.final_norm = LayerNorm(config, rngs=rngs) if config.norm == "pre" else None
 
     def __call__(self, y: jnp.ndarray, memory: jnp.ndarray,
                  src_mask: jnp.ndarray | None) -> jnp.ndarray:
