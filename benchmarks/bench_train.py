@@ -1,0 +1,198 @@
+"""Train-step throughput and MFU: flax_transformer vs the same model from Flax's NNX layers
+vs PyTorch `nn.Transformer`, interleaved in one process.
+
+    python -m benchmarks.bench_train [--configs small base] [--steps 10] [--repeats 5]
+
+Tokens/s counts source + target tokens. MFU = model FLOPs/s (benchmarks/flops.py) divided by
+the peak of a large matmul measured in the same run (and the datasheet peak when known).
+All three use AdamW (b2=0.98), dropout 0.1, label-smoothed (0.1) cross-entropy, random tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from benchmarks import common
+from benchmarks.flops import DATASHEET_PEAK, measured_peak_flops, train_step_flops
+from benchmarks.peer_flax import FlaxPeerTransformer
+from flax_transformer import TransformerConfig
+
+CONFIGS = {
+    "small": dict(config=dict(d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=3,
+                              num_decoder_layers=3, src_vocab_size=8000, tgt_vocab_size=8000),
+                  batch=16, length=64),
+    "base": dict(config=dict(d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6,
+                             num_decoder_layers=6, src_vocab_size=32000, tgt_vocab_size=32000),
+                 batch=8, length=64),
+}
+LABEL_SMOOTHING = 0.1
+
+
+def peer_loss(logits, targets):
+    """Flax examples' idiom: smoothed one-hot targets, optax softmax cross-entropy."""
+    onehot = jax.nn.one_hot(targets, logits.shape[-1])
+    smoothed = optax.smooth_labels(onehot, LABEL_SMOOTHING)
+    weights = (targets > 0).astype(jnp.float32)
+    return (optax.softmax_cross_entropy(logits, smoothed) * weights).sum() / weights.sum()
+
+
+def make_flax_step(model: nnx.Module, loss_fn, src, tgt_in, tgt_out):
+    """A zero-argument callable running one jitted AdamW step over `nnx.split` state."""
+    tx = make_optax()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = [params, rest, tx.init(params)]
+
+    def step(params, rest, opt_state, src, tgt_in, tgt_out):
+        def loss(params):
+            m = nnx.merge(graphdef, params, rest, copy=True)
+            value = loss_fn(m(src, tgt_in), tgt_out)
+            return value, nnx.state(m, nnx.Not(nnx.Param))
+
+        (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), rest, opt_state, value
+
+    step = jax.jit(step, donate_argnums=(0, 1, 2))
+
+    def run():
+        state[0], state[1], state[2], value = step(*state, src, tgt_in, tgt_out)
+        return value
+
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    return run, n_params
+
+
+def make_optax():
+    return optax.adamw(1e-4, b1=0.9, b2=0.98, eps=1e-9)
+
+
+def ours_step(config: TransformerConfig, src, tgt_in, tgt_out):
+    """The library's own train step (flax_transformer.training), as `train.py` runs it."""
+    from flax_transformer.training import init_model, init_train_state, make_train_step
+
+    parts, params = init_model(config, seed=0)
+    tx = make_optax()
+    step = make_train_step(parts, tx, label_smoothing=LABEL_SMOOTHING)
+    state = [init_train_state(params, tx, seed=0)]
+    batch = {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
+
+    def run():
+        state[0], metrics = step(state[0], batch)
+        return metrics["loss_sum"]
+
+    return run, sum(x.size for x in jax.tree.leaves(params))
+
+
+def peer_step(config: TransformerConfig, src, tgt_in, tgt_out):
+    return make_flax_step(FlaxPeerTransformer(config, rngs=nnx.Rngs(0)), peer_loss,
+                          src, tgt_in, tgt_out)
+
+
+def torch_step(config, batch, length):
+    from benchmarks.peer_torch import build_torch_step
+
+    return build_torch_step(config, batch, length, length, label_smoothing=LABEL_SMOOTHING)
+
+
+def time_steps(run, steps: int) -> float:
+    """Seconds per step over `steps` steps, synchronising once at the end."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        value = run()
+    jax.block_until_ready(value)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_config(name: str, spec: dict, args, peak: float, datasheet: float | None):
+    on_accelerator = jax.default_backend() != "cpu"
+    config = TransformerConfig.preset("base", **spec["config"], dropout_rate=0.1,
+                                      max_len=spec["length"],
+                                      dtype="bfloat16" if on_accelerator else "float32",
+                                      attention_impl=args.attention_impl)
+    batch, length = spec["batch"], spec["length"]
+    rng = np.random.default_rng(0)
+    src = jnp.asarray(rng.integers(4, config.src_vocab_size, (batch, length)), jnp.int32)
+    tgt = jnp.asarray(rng.integers(4, config.tgt_vocab_size, (batch, length + 1)), jnp.int32)
+    runners = {
+        "flax_transformer": ours_step(config, src, tgt[:, :-1], tgt[:, 1:]),
+        "flax nnx.MultiHeadAttention": peer_step(config, src, tgt[:, :-1], tgt[:, 1:]),
+    }
+    if not args.no_torch:
+        try:
+            runners["torch nn.Transformer"] = torch_step(config, batch, length)
+        except ImportError:
+            print("torch not installed: pip install -e .[bench] to include it", file=sys.stderr)
+    for run, _ in runners.values():  # compile and warm up
+        for _ in range(2):
+            jax.block_until_ready(run())
+    times = {k: [] for k in runners}
+    for _ in range(args.repeats):  # interleaved, so drift hits every framework alike
+        for key, (run, _) in runners.items():
+            times[key].append(time_steps(run, args.steps))
+    flops = train_step_flops(config, batch, length, length)
+    rows = []
+    fastest_peer = min(statistics.median(t) for k, t in times.items() if k != "flax_transformer")
+    for key, (_, n_params) in runners.items():
+        t = statistics.median(times[key])
+        rows.append([name, key, f"{n_params / 1e6:.1f}M", f"{t * 1e3:.1f}",
+                     f"{batch * 2 * length / t:,.0f}", f"{flops / t / peak:.1%}",
+                     "-" if datasheet is None else f"{flops / t / datasheet:.1%}",
+                     f"{fastest_peer / t:.2f}x"])
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per framework")
+    parser.add_argument("--attention-impl", default="xla", choices=["vmap", "xla", "blockwise"])
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's own, = cores); on a "
+                             "machine shared with other jobs OpenMP's barriers stall, use 1")
+    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    args = parser.parse_args(argv)
+
+    if args.torch_threads is not None:
+        try:
+            import torch
+
+            torch.set_num_threads(args.torch_threads)
+        except ImportError:
+            pass
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    peak = measured_peak_flops(dtype)
+    device_kind = jax.devices()[0].device_kind
+    datasheet = DATASHEET_PEAK.get((device_kind, jnp.dtype(dtype).name))
+    rows = []
+    for name in args.configs:
+        rows += bench_config(name, CONFIGS[name], args, peak, datasheet)
+    header = ["config", "framework", "params", "ms/step", "tokens/s", "MFU (measured peak)",
+              "MFU (datasheet)", "vs fastest peer"]
+    table = common.markdown_table(header, rows)
+    body = (f"{common.describe_machine()}\n\nCommand: `python -m benchmarks.bench_train "
+            f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+            f"Measured {jnp.dtype(dtype).name} matmul peak: {peak / 1e9:,.1f} GFLOP/s"
+            f"{'' if datasheet is None else f'; datasheet {datasheet / 1e12:,.0f} TFLOP/s'}."
+            f"\n\n{table}\n")
+    print(body)
+    if not args.no_write:
+        common.write_results_section(f"bench_train ({jax.default_backend()})", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Analytic model FLOPs of a Transformer train step, and the device's measured matmul peak.
+
+Counted: every matmul (a multiply-add is 2 FLOPs); softmax, LayerNorm, dropout and the
+optimizer are not counted (they are a few % and not "model FLOPs"). Per sequence pair with
+source length S, target length T, width d, FFN width f, vocabulary V:
+
+  encoder layer:  S * (8 d^2 + 4 d f) + 4 S^2 d          (Q,K,V,O projections; FFN; QK^T, AV)
+  decoder layer:  T * (8 d^2 + 4 d f) + 4 T^2 d          (masked self-attention + FFN)
+                + T * 4 d^2 + S * 4 d^2 + 4 T S d        (cross-attention: Q,O; K,V; QK^T, AV)
+  output layer:   2 T d V
+  train step = 3 x forward (the backward pass costs twice the forward), times the batch.
+The causal mask's skipped half of T^2 is counted as done, as the dense kernels do it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from flax_transformer import TransformerConfig
+
+
+def forward_flops(c: TransformerConfig, src_len: int, tgt_len: int) -> float:
+    """Matmul FLOPs of one forward pass over one (source, target) pair."""
+    d, f, s, t = c.d_model, c.d_ff, src_len, tgt_len
+    encoder = s * (8 * d * d + 4 * d * f) + 4 * s * s * d
+    decoder = (t * (8 * d * d + 4 * d * f) + 4 * t * t * d
+               + t * 4 * d * d + s * 4 * d * d + 4 * t * s * d)
+    output = 2 * t * d * c.tgt_vocab_size
+    return c.num_encoder_layers * encoder + c.num_decoder_layers * decoder + output
+
+
+def train_step_flops(c: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
+    return 3.0 * batch * forward_flops(c, src_len, tgt_len)
+
+
+def measured_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 10) -> float:
+    """Best FLOP/s of an [n, n] x [n, n] matmul on the default device (the achievable peak)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    matmul = jax.jit(lambda a, b: a @ b)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+# Dense datasheet peaks (FLOP/s) for accelerators whose device_kind we recognise.
+DATASHEET_PEAK = {
+    ("NVIDIA H100 80GB HBM3", "bfloat16"): 989e12,
+    ("NVIDIA H100 80GB HBM3", "float32"): 67e12,
+    ("NVIDIA H200", "bfloat16"): 989e12,
+    ("NVIDIA H200", "float32"): 67e12,
+}

@@ -1,0 +1,63 @@
+"""Peer for `bench_train`: PyTorch's `nn.Transformer` with the same embeddings and head.
+
+Optional: needs `pip install -e .[bench]` (a CPU build of torch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from flax_transformer import TransformerConfig
+from flax_transformer.kernels import sinusoidal_positions
+
+
+def build_torch_step(c: TransformerConfig, batch: int, src_len: int, tgt_len: int, *,
+                     label_smoothing: float = 0.1, seed: int = 0):
+    """A zero-argument callable running one AdamW train step of `nn.Transformer` on fixed
+    random token batches, and the model's parameter count."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class TorchPeer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.src_embed = nn.Embedding(c.src_vocab_size, c.d_model)
+            self.tgt_embed = nn.Embedding(c.tgt_vocab_size, c.d_model)
+            self.transformer = nn.Transformer(
+                c.d_model, c.num_heads, c.num_encoder_layers, c.num_decoder_layers, c.d_ff,
+                dropout=c.dropout_rate, batch_first=True)
+            self.dropout = nn.Dropout(c.dropout_rate)
+            self.register_buffer("positions",
+                                 torch.from_numpy(sinusoidal_positions(c.max_len, c.d_model)))
+
+        def embed(self, tokens, table):
+            return self.dropout(table(tokens) * math.sqrt(c.d_model)
+                                + self.positions[: tokens.shape[1]])
+
+        def forward(self, src, tgt):
+            causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+            y = self.transformer(self.embed(src, self.src_embed), self.embed(tgt, self.tgt_embed),
+                                 tgt_mask=causal, src_key_padding_mask=src == 0,
+                                 memory_key_padding_mask=src == 0)
+            return y @ self.tgt_embed.weight.T
+
+    model = TorchPeer().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=0, label_smoothing=label_smoothing)
+    rng = np.random.default_rng(seed)
+    src = torch.from_numpy(rng.integers(4, c.src_vocab_size, (batch, src_len)))
+    tgt = torch.from_numpy(rng.integers(4, c.tgt_vocab_size, (batch, tgt_len + 1)))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(src, tgt[:, :-1])
+        loss = loss_fn(logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,48 @@
+"""The benchmarks' building blocks: peers have our architecture, FLOP counts are right."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from benchmarks.flops import forward_flops, train_step_flops
+from benchmarks.peer_flax import FlaxPeerTransformer
+from flax_transformer import Transformer, TransformerConfig
+
+TINY = TransformerConfig.preset("tiny", dropout_rate=0.1, tie_output=True)
+
+
+def n_params(model):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_flax_peer_has_our_architecture_and_parameter_count():
+    ours = Transformer(TINY, rngs=nnx.Rngs(0))
+    peer = FlaxPeerTransformer(TINY, rngs=nnx.Rngs(0))
+    assert n_params(peer) == n_params(ours)
+    src = jnp.full((2, 5), 5, jnp.int32)
+    tgt = jnp.full((2, 4), 6, jnp.int32)
+    assert peer(src, tgt).shape == ours(src, tgt).shape == (2, 4, TINY.tgt_vocab_size)
+
+
+def test_torch_peer_has_our_parameter_count():
+    pytest.importorskip("torch")
+    from benchmarks.peer_torch import build_torch_step
+
+    step, count = build_torch_step(TINY, batch=2, src_len=5, tgt_len=4)
+    ours = Transformer(TINY.replace(share_embeddings=False), rngs=nnx.Rngs(0))
+    # nn.Transformer adds a final LayerNorm to each stack (2 x 2 x d_model parameters).
+    assert count == n_params(ours) + 4 * TINY.d_model
+    assert np.isfinite(step())
+
+
+def test_forward_flops_by_hand():
+    c = TransformerConfig.preset("tiny", num_encoder_layers=1, num_decoder_layers=1,
+                                 d_model=8, num_heads=2, d_ff=16, tgt_vocab_size=10)
+    s, t, d, f = 3, 2, 8, 16
+    encoder = s * (8 * d * d + 4 * d * f) + 4 * s * s * d
+    decoder = t * (8 * d * d + 4 * d * f) + 4 * t * t * d + 4 * t * d * d + 4 * s * d * d \
+        + 4 * t * s * d
+    assert forward_flops(c, s, t) == encoder + decoder + 2 * t * d * 10
+    assert train_step_flops(c, 4, s, t) == 3 * 4 * forward_flops(c, s, t)
