@@ -5,13 +5,17 @@ vs PyTorch `nn.Transformer`, interleaved in one process.
 
 Tokens/s counts source + target tokens. MFU = model FLOPs/s (benchmarks/flops.py) divided by
 the peak of a large matmul measured in the same run (and the datasheet peak when known).
-All three use AdamW (b2=0.98), dropout 0.1, label-smoothed (0.1) cross-entropy, random tokens.
+Torch runs in a child process after the interleaved JAX runs (its OpenMP threads stall
+beside an active XLA thread pool); on GPU/TPU it is skipped. All three use AdamW (b2=0.98),
+dropout 0.1, label-smoothed (0.1) cross-entropy, random tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,10 +105,23 @@ def peer_step(config: TransformerConfig, src, tgt_in, tgt_out):
                           src, tgt_in, tgt_out)
 
 
-def torch_step(config, batch, length):
-    from benchmarks.peer_torch import build_torch_step
-
-    return build_torch_step(config, batch, length, length, label_smoothing=LABEL_SMOOTHING)
+def torch_times(config: TransformerConfig, batch: int, length: int, args):
+    """Per-step seconds of the torch peer, measured in a child process (see peer_torch.main),
+    and its parameter count; None when torch is not installed."""
+    cmd = [sys.executable, "-m", "benchmarks.peer_torch", "--config", json.dumps(config.to_dict()),
+           "--batch", str(batch), "--length", str(length), "--steps", str(args.steps),
+           "--repeats", str(args.repeats)]
+    if args.torch_threads:
+        cmd += ["--threads", str(args.torch_threads)]
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=repo)
+    if done.returncode != 0:
+        if "No module named 'torch'" in done.stderr:
+            print("torch not installed: pip install -e .[bench] to include it", file=sys.stderr)
+            return None
+        raise RuntimeError(f"torch peer failed:\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["seconds"], result["params"]
 
 
 def time_steps(run, steps: int) -> float:
@@ -130,11 +147,6 @@ def bench_config(name: str, spec: dict, args, peak: float, datasheet: float | No
         "flax_transformer": ours_step(config, src, tgt[:, :-1], tgt[:, 1:]),
         "flax nnx.MultiHeadAttention": peer_step(config, src, tgt[:, :-1], tgt[:, 1:]),
     }
-    if not args.no_torch:
-        try:
-            runners["torch nn.Transformer"] = torch_step(config, batch, length)
-        except ImportError:
-            print("torch not installed: pip install -e .[bench] to include it", file=sys.stderr)
     for run, _ in runners.values():  # compile and warm up
         for _ in range(2):
             jax.block_until_ready(run())
@@ -142,10 +154,15 @@ def bench_config(name: str, spec: dict, args, peak: float, datasheet: float | No
     for _ in range(args.repeats):  # interleaved, so drift hits every framework alike
         for key, (run, _) in runners.items():
             times[key].append(time_steps(run, args.steps))
+    params = {key: n for key, (_, n) in runners.items()}
+    if not args.no_torch and not on_accelerator:
+        measured = torch_times(config, batch, length, args)
+        if measured is not None:
+            times["torch nn.Transformer"], params["torch nn.Transformer"] = measured
     flops = train_step_flops(config, batch, length, length)
     rows = []
     fastest_peer = min(statistics.median(t) for k, t in times.items() if k != "flax_transformer")
-    for key, (_, n_params) in runners.items():
+    for key, n_params in params.items():
         t = statistics.median(times[key])
         rows.append([name, key, f"{n_params / 1e6:.1f}M", f"{t * 1e3:.1f}",
                      f"{batch * 2 * length / t:,.0f}", f"{flops / t / peak:.1%}",
@@ -162,18 +179,10 @@ def main(argv=None) -> None:
     parser.add_argument("--attention-impl", default="xla", choices=["vmap", "xla", "blockwise"])
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's own, = cores); on a "
-                             "machine shared with other jobs OpenMP's barriers stall, use 1")
+                        help="torch intra-op threads (default: torch's own, = cores)")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args(argv)
 
-    if args.torch_threads is not None:
-        try:
-            import torch
-
-            torch.set_num_threads(args.torch_threads)
-        except ImportError:
-            pass
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     peak = measured_peak_flops(dtype)
     device_kind = jax.devices()[0].device_kind

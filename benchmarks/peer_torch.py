@@ -61,3 +61,42 @@ def build_torch_step(c: TransformerConfig, batch: int, src_len: int, tgt_len: in
         return loss.item()
 
     return step, sum(p.numel() for p in model.parameters())
+
+
+def main(argv=None) -> None:
+    """Worker: time `steps` x `repeats` train steps and print {"seconds": [...], "params": n}.
+
+    `bench_train` runs torch in its own process: inside a process whose XLA thread pool is
+    active, torch's OpenMP workers are starved and every parallel op stalls for milliseconds.
+    """
+    import argparse
+    import json
+    import time
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True, help="TransformerConfig as JSON")
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--length", type=int, required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TransformerConfig.from_dict(json.loads(args.config))
+    step, count = build_torch_step(config, args.batch, args.length, args.length)
+    for _ in range(2):
+        step()
+    seconds = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        seconds.append((time.perf_counter() - start) / args.steps)
+    print(json.dumps({"seconds": seconds, "params": count, "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
