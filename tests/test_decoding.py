@@ -201,6 +201,8 @@ def test_sampling_is_reproducible_and_stops_at_eos():
             break
     else:
         pytest.fail("no seed made every row stop at eos at different steps")
+    outputs += [sample_decode(model, src, rng=jax.random.key(100 + s), max_len=MAX_LEN)
+                for s in range(4)]
     assert len({o.tobytes() for o in outputs}) > 1  # different keys, different samples
 
 

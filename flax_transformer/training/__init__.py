@@ -1,0 +1,15 @@
+"""Training: loss, optimizer and schedules, jit-compiled steps, checkpoints, metrics, loop."""
+
+from .config import RUN_PRESETS, TASK_PRESETS, RunPreset, TrainingConfig, resolve_preset
+from .loop import predict, train
+from .loss import cross_entropy, cross_entropy_stats, token_accuracy
+from .optim import make_optimizer, make_schedule, noam_schedule
+from .state import ModelParts, TrainState, init_model, init_train_state
+from .step import make_eval_step, make_train_step
+
+__all__ = [
+    "RUN_PRESETS", "TASK_PRESETS", "ModelParts", "RunPreset", "TrainState", "TrainingConfig",
+    "cross_entropy", "cross_entropy_stats", "init_model", "init_train_state", "make_eval_step",
+    "make_optimizer", "make_schedule", "make_train_step", "noam_schedule", "predict",
+    "resolve_preset", "token_accuracy", "train",
+]

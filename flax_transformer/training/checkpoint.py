@@ -1,0 +1,109 @@
+"""Checkpoints in a work directory: an Orbax `CheckpointManager` plus the run's configs and
+tokenizers beside it.
+
+Layout of `workdir`:
+    checkpoints/<step>/        the TrainState (step, params, opt_state, rng), the last K kept
+    config.json                {"model": TransformerConfig, "training": TrainingConfig}
+    tokenizer/                 the task's tokenizers (`Task.save_tokenizers`)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from ..config import TransformerConfig
+from .config import TrainingConfig
+from .state import TrainState, abstract_train_state
+
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_DIR = "checkpoints"
+
+# Orbax logs every save and restore at INFO through absl; keep the progress bar readable.
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+class NoCheckpointError(FileNotFoundError):
+    """The work directory holds no checkpoint to resume or predict from."""
+
+
+class Checkpointer:
+    """Saves and restores `TrainState`s under `workdir/checkpoints`, keeping the last `keep`.
+
+    Saving is synchronous: the train step donates the state's buffers right after, so the
+    checkpoint must be on disk before the next step runs.
+    """
+
+    def __init__(self, workdir: str | Path, keep: int = 3, *, create: bool = True):
+        self.workdir = Path(workdir).absolute()
+        directory = self.workdir / CHECKPOINT_DIR
+        if not create and not directory.is_dir():
+            raise NoCheckpointError(
+                f"no checkpoint in {self.workdir}; train first (python train.py --workdir "
+                f"{self.workdir}) or point --workdir at a finished run"
+            )
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=create, enable_async_checkpointing=False
+        )
+        self.manager = ocp.CheckpointManager(directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, state: TrainState, *, force: bool = True) -> int:
+        """Writes `state` under its own step number; returns that step."""
+        step = int(jax.device_get(state.step))
+        self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        self.manager.wait_until_finished()
+        return step
+
+    def restore(self, like: TrainState, step: int | None = None) -> TrainState:
+        """The state saved at `step` (default: the latest), with the structure of `like`."""
+        if step is None:
+            step = self.latest_step()
+        if step is None:
+            raise NoCheckpointError(
+                f"no checkpoint in {self.workdir / CHECKPOINT_DIR}; nothing to resume or "
+                "predict from (train first, or drop --resume)"
+            )
+        target = abstract_train_state(like)
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        return TrainState(*restored) if not isinstance(restored, TrainState) else restored
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def save_run_config(workdir: str | Path, model: TransformerConfig,
+                    training: TrainingConfig) -> Path:
+    """Writes `workdir/config.json` with both configs."""
+    path = Path(workdir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model.to_dict(), "training": training.to_dict()}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+def load_run_config(workdir: str | Path) -> tuple[TransformerConfig, TrainingConfig]:
+    """The configs saved by `save_run_config`; a clear error if the file is missing."""
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise NoCheckpointError(
+            f"no {CONFIG_FILE} in {workdir}; it is not a training work directory (train first)"
+        )
+    payload: dict[str, Any] = json.loads(path.read_text())
+    return (TransformerConfig.from_dict(payload["model"]),
+            TrainingConfig.from_dict(payload["training"]))
+
+
+def tokenizer_dir(workdir: str | Path) -> Path:
+    return Path(workdir) / TOKENIZER_DIR

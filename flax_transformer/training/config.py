@@ -1,0 +1,214 @@
+"""`TrainingConfig`: everything about a run that is not the model, validated when built.
+
+A run is fully defined by a `TransformerConfig`, a `TrainingConfig` and the data on disk: the
+seed fixes the parameter initialisation, the order of the training batches and every dropout
+mask. Run presets (`RUN_PRESETS`) pair a model preset with training settings for each task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..config import TransformerConfig
+
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("noam", "cosine", "rsqrt", "constant")
+DECODERS = ("greedy", "beam")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """Hyperparameters of training, evaluation and checkpointing.
+
+    Learning rate: `lr_schedule="noam"` is the paper's
+    lr = learning_rate * d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5)
+    (learning_rate is the scale factor, 1.0 in the paper); "cosine" warms up linearly to
+    `learning_rate` and decays to `learning_rate * min_lr_ratio` at `steps`; "rsqrt" warms up
+    linearly to `learning_rate` then decays as (warmup_steps / step)^0.5; "constant" warms up
+    linearly and stays. Steps count optimizer updates (`steps // accumulate_steps` of them).
+    `batch_size` is sequences per batch; every batch is padded to one of `num_buckets` lengths.
+    `eval_examples` caps the validation examples decoded for the task metric (0: all).
+    """
+
+    task: str = "g2p"
+    seed: int = 0
+    steps: int = 10000
+    batch_size: int = 64
+    num_buckets: int = 4
+    log_every: int = 100
+    eval_every: int = 2000
+    checkpoint_every: int = 2000
+    keep_checkpoints: int = 3
+    optimizer: str = "adam"
+    learning_rate: float = 1.0
+    lr_schedule: str = "noam"
+    warmup_steps: int = 4000
+    min_lr_ratio: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.98
+    adam_eps: float = 1e-9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0
+    accumulate_steps: int = 1
+    decode: str = "greedy"
+    beam_size: int = 4
+    length_penalty: float = 0.6
+    eval_batch_size: int = 256
+    eval_examples: int = 1000
+    max_examples: int | None = None
+    subword_vocab_size: int = 8000
+    train_file: str | None = None
+    valid_file: str | None = None
+    test_file: str | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "num_buckets", "log_every", "eval_every",
+                    "checkpoint_every", "keep_checkpoints", "accumulate_steps", "beam_size",
+                    "eval_batch_size", "subword_vocab_size")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("seed", "warmup_steps", "eval_examples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"max_examples must be >= 1 (or unset), got {self.max_examples}")
+        if not self.task or not isinstance(self.task, str):
+            raise ValueError(f"task must be a task name such as 'g2p', got {self.task!r}")
+        choices = {"optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES, "decode": DECODERS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not known; choose one of {allowed}"
+                )
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lr_schedule == "noam" and self.warmup_steps < 1:
+            raise ValueError("lr_schedule='noam' needs warmup_steps >= 1 (the paper uses 4000)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("adam_b1", "adam_b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.weight_decay > 0 and self.optimizer != "adamw":
+            raise ValueError(
+                f"weight_decay={self.weight_decay} needs optimizer='adamw' (Adam has no "
+                "decoupled weight decay); set optimizer='adamw' or weight_decay=0"
+            )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.length_penalty < 0:
+            raise ValueError(f"length_penalty must be >= 0, got {self.length_penalty}")
+        if self.steps < self.accumulate_steps:
+            raise ValueError(
+                f"steps={self.steps} is smaller than accumulate_steps={self.accumulate_steps}: "
+                "no optimizer update would happen; raise steps"
+            )
+
+    @property
+    def num_updates(self) -> int:
+        """Optimizer updates in the run (batches / accumulate_steps)."""
+        return self.steps // self.accumulate_steps
+
+    def replace(self, **overrides: Any) -> TrainingConfig:
+        """A copy with `overrides` applied (validated); unknown fields raise ValueError."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown TrainingConfig field(s) {unknown}; known fields: {sorted(known)}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
+        return cls().replace(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPreset:
+    """A model preset with overrides, plus training settings, under one name."""
+
+    model_preset: str
+    model: dict[str, Any]
+    training: dict[str, Any]
+    about: str = ""
+
+
+RUN_PRESETS: dict[str, RunPreset] = {
+    "copy": RunPreset(
+        "tiny", dict(d_model=64, d_ff=128, max_len=32),
+        dict(task="copy", steps=600, batch_size=32, num_buckets=3, log_every=50,
+             eval_every=300, checkpoint_every=300, lr_schedule="cosine", learning_rate=5e-3,
+             warmup_steps=50, eval_examples=200, eval_batch_size=100),
+        "smoke test: a tiny model on the synthetic copy task, about a minute"),
+    "g2p": RunPreset(
+        "small", dict(d_model=128, num_heads=4, d_ff=512, num_encoder_layers=2,
+                      num_decoder_layers=2, dropout_rate=0.0, max_len=48),
+        dict(task="g2p", steps=6200, batch_size=256, num_buckets=5, log_every=50,
+             eval_every=1550, checkpoint_every=1550, lr_schedule="cosine", learning_rate=3e-3,
+             warmup_steps=200, min_lr_ratio=0.05, grad_clip=1.0, decode="beam", beam_size=4,
+             eval_examples=1000, eval_batch_size=512),
+        "the default: CMUdict G2P sized for <= 15 minutes on a quiet 2-core CPU"),
+    "g2p-long": RunPreset(
+        "small", dict(d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=3,
+                      num_decoder_layers=3, dropout_rate=0.2, max_len=48),
+        dict(task="g2p", steps=30000, batch_size=128, num_buckets=4, log_every=200,
+             eval_every=5000, checkpoint_every=2500, lr_schedule="cosine", learning_rate=1e-3,
+             warmup_steps=1000, min_lr_ratio=0.02, grad_clip=1.0, eval_examples=1000,
+             eval_batch_size=512),
+        "a longer CMUdict G2P run for the best word error rate"),
+    "translate": RunPreset(
+        "small", dict(d_model=128, num_heads=4, d_ff=512, num_encoder_layers=3,
+                      num_decoder_layers=3, dropout_rate=0.1, max_len=128,
+                      share_embeddings=True),
+        dict(task="translate", steps=2500, batch_size=64, num_buckets=6, log_every=50,
+             eval_every=1250, checkpoint_every=500, lr_schedule="cosine", learning_rate=2e-3,
+             warmup_steps=300, min_lr_ratio=0.05, decode="beam", beam_size=4,
+             eval_examples=300, eval_batch_size=128, subword_vocab_size=4000),
+        "German -> English Bible translation sized for a ~20-minute CPU run"),
+}
+
+# The preset a task uses when --preset is not given (tasks not listed: "small" model defaults).
+TASK_PRESETS = {"copy": "copy", "reverse": "copy", "g2p": "g2p", "translate": "translate"}
+
+
+def resolve_preset(
+    name: str | None, task: str | None
+) -> tuple[TransformerConfig, TrainingConfig]:
+    """(model config, training config) for a run preset or a model preset name.
+
+    `name=None` picks the task's default preset. A model preset ("tiny", "small", "base",
+    "big") gives that model with default training settings. `task`, when given, overrides the
+    preset's task.
+    """
+    from ..config import PRESETS as MODEL_PRESETS
+
+    if name is None:
+        name = TASK_PRESETS.get(task or TrainingConfig.task, "small")
+    if name in RUN_PRESETS:
+        preset = RUN_PRESETS[name]
+        model = TransformerConfig.preset(preset.model_preset, **preset.model)
+        training = TrainingConfig(**preset.training)
+    elif name in MODEL_PRESETS:
+        model, training = TransformerConfig.preset(name), TrainingConfig()
+    else:
+        known = sorted(RUN_PRESETS) + sorted(MODEL_PRESETS)
+        raise ValueError(f"preset {name!r} is not known; choose one of {known}")
+    if task is not None:
+        training = training.replace(task=task)
+    return model, training

@@ -1,0 +1,123 @@
+"""Evaluation: loss and token accuracy over a split, decoding for the task metric, prediction.
+
+Decoding groups the inputs by the training buckets and pads every batch to
+`eval_batch_size` rows, so the compiled decoding loop sees a few fixed shapes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from ..data import Example, Task, fit_to_length, make_batches
+from .config import TrainingConfig
+from .loss import summarize
+from .step import batch_arrays
+
+
+def eval_buckets(examples: Sequence[Example], train_buckets: Sequence[int],
+                 max_len: int) -> tuple[list[Example], tuple[int, ...], int]:
+    """(examples cut to max_len, bucket lengths that hold them, number cut): the training
+    buckets, plus `max_len` when some example is longer than the largest of them."""
+    fitted, cut = fit_to_length(examples, max_len)
+    longest = max((max(len(e.src), len(e.tgt)) for e in fitted), default=0)
+    buckets = tuple(train_buckets)
+    if longest > buckets[-1]:
+        buckets = buckets + (max_len,)
+    return fitted, buckets, cut
+
+
+class EvalSet:
+    """One split prepared once: fixed-shape loss batches and decoding batches."""
+
+    def __init__(self, examples: Sequence[Example], train_buckets: Sequence[int],
+                 max_len: int, batch_size: int):
+        if not examples:
+            raise ValueError("an evaluation split is empty; give it some examples")
+        self.examples = list(examples)
+        fitted, self.buckets, self.cut = eval_buckets(self.examples, train_buckets, max_len)
+        self.batches = [
+            (batch_arrays(b), b.example_ids)
+            for b in make_batches(fitted, batch_size, bucket_lengths=self.buckets,
+                                  remainder="pad")
+        ]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def evaluate_loss(eval_step: Callable, params: Any, eval_set: EvalSet) -> dict[str, float]:
+    """Label-smoothed loss, plain NLL and token accuracy over the whole split."""
+    pending = [eval_step(params, arrays) for arrays, _ in eval_set.batches]
+    host = jax.device_get(pending)
+    totals = {k: sum(float(h[k]) for h in host) for k in host[0]}
+    return summarize(totals)
+
+
+def decode_len(model_max_len: int, src_len: int) -> int:
+    """Tokens to generate for sources padded to `src_len`: 1.5x + 10, at most max_len."""
+    return min(model_max_len, int(1.5 * src_len) + 10)
+
+
+def decode_batch(model, src: np.ndarray, config: TrainingConfig,
+                 max_len: int | None = None) -> np.ndarray:
+    """Greedy or beam decoding of one source batch [B, S] -> tokens [B, L] (eos, then pad)."""
+    from ..decoding import beam_search, greedy_decode
+
+    if max_len is None:
+        max_len = decode_len(model.config.max_len, src.shape[1])
+    if config.decode == "beam":
+        tokens, _ = beam_search(model, src, beam_size=config.beam_size, max_len=max_len,
+                                length_penalty=config.length_penalty)
+        return np.asarray(tokens)
+    return np.asarray(greedy_decode(model, src, max_len=max_len))
+
+
+def decode_examples(model, eval_set: EvalSet, config: TrainingConfig) -> list[list[int]]:
+    """Predictions (token ids) for every example of `eval_set`, in its order."""
+    predictions: list[list[int]] = [[] for _ in range(len(eval_set))]
+    for arrays, ids in eval_set.batches:
+        tokens = decode_batch(model, arrays["src"], config)
+        for row, index in enumerate(ids):
+            if index >= 0:
+                predictions[index] = tokens[row].tolist()
+    return predictions
+
+
+def evaluate(model, eval_step, params, loss_set: EvalSet | None, decode_set: EvalSet,
+             task: Task, config: TrainingConfig) -> dict[str, float]:
+    """Loss/accuracy over `loss_set` (skipped if None), the task metric on `decode_set`
+    (greedy or beam, per `config.decode`), and how long decoding took."""
+    results = {} if loss_set is None else evaluate_loss(eval_step, params, loss_set)
+    start = time.perf_counter()
+    predictions = decode_examples(model, decode_set, config)
+    scores = task.score(predictions, decode_set.examples)
+    results.update({k: float(v) for k, v in scores.items()})
+    results["decode_seconds"] = time.perf_counter() - start
+    return results
+
+
+def predict_texts(model, task: Task, texts: Sequence[str], config: TrainingConfig) -> list[str]:
+    """Outputs for raw input texts (e.g. words -> pronunciations), in the order given."""
+    if not texts:
+        raise ValueError("--predict needs at least one input text")
+    limit = model.config.max_len
+    encoded = []
+    for text in texts:
+        ids = task.encode_source(text)
+        if len(ids) > limit:
+            raise ValueError(
+                f"input {text[:40]!r} is {len(ids)} tokens long, more than the model's "
+                f"max_len={limit}; shorten it"
+            )
+        encoded.append(ids)
+    width = max(len(ids) for ids in encoded)
+    src = np.zeros((len(encoded), width), np.int32)
+    for row, ids in enumerate(encoded):
+        src[row, : len(ids)] = ids
+    tokens = decode_batch(model, src, config)
+    return [task.decode_target(row.tolist()) for row in tokens]

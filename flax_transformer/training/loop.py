@@ -1,0 +1,226 @@
+"""`train(...)`: the whole run behind `train.py` - data, model, steps, validation, checkpoints,
+metrics, the final test report - and `predict(...)` from a finished work directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..config import TransformerConfig
+from ..data import Task, batch_stream, fit_to_length, load_task, restore_task
+from .buckets import optimal_bucket_lengths
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    TOKENIZER_DIR,
+    Checkpointer,
+    load_run_config,
+    save_run_config,
+    tokenizer_dir,
+)
+from .config import TrainingConfig
+from .evaluate import EvalSet, evaluate, predict_texts
+from .loss import summarize
+from .metrics import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, MetricsWriter, plot_curves
+from .optim import learning_rate_at, make_optimizer
+from .state import count_params, init_model, init_train_state
+from .step import batch_arrays, make_eval_step, make_train_step, sum_metrics
+
+SUMMARY_FILE = "summary.json"
+RUN_FILES = (CHECKPOINT_DIR, CONFIG_FILE, TOKENIZER_DIR, METRICS_FILE, TENSORBOARD_DIR,
+             PLOT_FILE, SUMMARY_FILE)
+
+
+def build_task(config: TrainingConfig, tokenizers: str | Path | None = None) -> Task:
+    """The task named by `config.task`, with the config's data options; `tokenizers` reuses
+    saved tokenizers (resume, predict). Raises ValueError for an empty training split."""
+    options: dict[str, Any] = {}
+    if config.task == "translate":
+        options["vocab_size"] = config.subword_vocab_size
+    task = load_task(config.task, seed=config.seed, train_file=config.train_file,
+                     valid_file=config.valid_file, test_file=config.test_file,
+                     data_dir=config.data_dir, max_examples=config.max_examples,
+                     tokenizer_dir=tokenizers, **options)
+    if not task.train:
+        raise ValueError(f"task {config.task!r} has no training examples (empty dataset)")
+    return task
+
+
+def clear_run(workdir: str | Path) -> None:
+    """Deletes the files a previous run wrote in `workdir` (and nothing else)."""
+    for name in RUN_FILES:
+        path = Path(workdir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _say(message: str) -> None:
+    tqdm.write(message, file=sys.stdout)
+
+
+def _format(results: dict[str, float], metric: str | None) -> str:
+    names = dict.fromkeys(["loss", "accuracy", metric, "per"])
+    return ", ".join(f"{n} {results[n]:.4f}" for n in names if n and n in results)
+
+
+def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str | Path, *,
+          resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Trains `model_config` on `config.task` in `workdir`; returns the run's summary.
+
+    resume: continue from the latest checkpoint in workdir (the data stream and dropout masks
+    continue exactly where they stopped). overwrite: delete a previous run's files first.
+    The vocabulary sizes of `model_config` are replaced by the task's.
+    """
+    started = time.perf_counter()
+    workdir = Path(workdir)
+    if overwrite and not resume:
+        clear_run(workdir)
+    if resume and not (workdir / CONFIG_FILE).is_file():
+        load_run_config(workdir)  # raises NoCheckpointError with the explanation
+    task = build_task(config, tokenizer_dir(workdir) if resume else None)
+    checkpointer = Checkpointer(workdir, config.keep_checkpoints, create=not resume)
+    latest = checkpointer.latest_step()
+    if not resume and latest is not None:
+        checkpointer.close()
+        raise ValueError(
+            f"{workdir} already holds a run (checkpoint at step {latest}); pass --resume to "
+            "continue it, --overwrite to start again, or choose another --workdir"
+        )
+    model_config = model_config.replace(src_vocab_size=task.src_vocab_size,
+                                        tgt_vocab_size=task.tgt_vocab_size)
+    max_len = model_config.max_len
+    train_examples, cut = fit_to_length(task.train, max_len)
+    buckets = optimal_bucket_lengths(train_examples, config.num_buckets, max_len)
+
+    parts, params = init_model(model_config, config.seed)
+    tx, schedule = make_optimizer(config, model_config.d_model)
+    state = init_train_state(params, tx, config.seed)
+    if resume:
+        state = checkpointer.restore(state)
+    else:
+        task.save_tokenizers(tokenizer_dir(workdir))
+    save_run_config(workdir, model_config, config)
+    start_step = int(state.step)
+
+    _say(f"task {task.name}: {len(task.train)} train / {len(task.valid)} valid / "
+         f"{len(task.test)} test examples ({cut} train examples cut to max_len={max_len}); "
+         f"buckets {buckets}")
+    _say(f"model: {count_params(state.params):,} parameters, d_model {model_config.d_model}, "
+         f"{model_config.num_encoder_layers}+{model_config.num_decoder_layers} layers; "
+         f"{'resuming at' if resume else 'starting at'} step {start_step} of {config.steps}")
+
+    train_step = make_train_step(parts, tx, label_smoothing=config.label_smoothing)
+    eval_step = make_eval_step(parts, label_smoothing=config.label_smoothing)
+    batch_size = config.eval_batch_size
+    valid_set = valid_decode = None
+    if task.valid:
+        valid_set = EvalSet(task.valid, buckets, max_len, batch_size)
+        limit = config.eval_examples or len(task.valid)
+        valid_decode = (valid_set if limit >= len(task.valid)
+                        else EvalSet(task.valid[:limit], buckets, max_len, batch_size))
+    metric = task.metric_name
+    writer = MetricsWriter(workdir, start_step=start_step)
+    stream = batch_stream(train_examples, config.batch_size, config.seed, start_step,
+                          bucket_lengths=buckets)
+    bar = tqdm(total=config.steps, initial=start_step, desc=f"train {task.name}",
+               disable=not progress, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+    pending: list[dict[str, Any]] = []
+    tokens, mark = 0, time.perf_counter()
+    valid_results: dict[str, float] = {}
+    train_results: dict[str, float] = {}
+    train_seconds = 0.0
+    try:
+        for step in range(start_step, config.steps):
+            batch = next(stream)
+            tokens += batch.num_target_tokens
+            state, metrics = train_step(state, batch_arrays(batch))
+            pending.append(metrics)
+            bar.update(1)
+            done, last = step + 1, step + 1 == config.steps
+            if done % config.log_every == 0 or last:
+                totals = sum_metrics(pending)  # the only host sync of the training steps
+                now = time.perf_counter()
+                train_seconds += now - mark
+                train_results = {**summarize(totals), "grad_norm": totals["grad_norm"],
+                                 "lr": learning_rate_at(schedule, config, step),
+                                 "tokens_per_s": tokens / max(now - mark, 1e-9)}
+                writer.write("train", done, train_results)
+                bar.set_postfix(loss=f"{train_results['loss']:.3f}",
+                                lr=f"{train_results['lr']:.2e}",
+                                tok_s=f"{train_results['tokens_per_s']:.0f}", refresh=False)
+                pending, tokens, mark = [], 0, now
+            if valid_set is not None and (done % config.eval_every == 0 or last):
+                paused = time.perf_counter()
+                model = parts.model(state.params)
+                valid_results = evaluate(model, eval_step, state.params, valid_set,
+                                         valid_decode, task, config)
+                writer.write("valid", done, valid_results)
+                _say(f"step {done}: valid {_format(valid_results, metric)}")
+                mark += time.perf_counter() - paused
+            if done % config.checkpoint_every == 0 or last:
+                paused = time.perf_counter()
+                checkpointer.save(state)
+                mark += time.perf_counter() - paused
+    finally:
+        bar.close()
+    final_step = int(state.step)
+    if checkpointer.latest_step() != final_step:
+        checkpointer.save(state)
+
+    test_results: dict[str, float] = {}
+    if task.test:
+        test_set = EvalSet(task.test, buckets, max_len, batch_size)
+        model = parts.model(state.params)
+        test_results = evaluate(model, eval_step, state.params, test_set, test_set, task, config)
+        writer.write("test", final_step, test_results)
+        _say(f"test ({len(task.test)} examples, {config.decode} decoding): "
+             f"{_format(test_results, metric)}")
+    else:
+        _say("no test split: skipping the test report")
+    writer.close()
+    checkpointer.close()
+    plot = plot_curves(workdir, metric)
+    summary = {
+        "task": task.name, "workdir": str(workdir), "steps": final_step,
+        "start_step": start_step, "metric_name": metric,
+        "parameters": count_params(state.params), "buckets": list(buckets),
+        "wall_seconds": time.perf_counter() - started, "train_seconds": train_seconds,
+        "train": train_results, "valid": valid_results, "test": test_results,
+        "plot": str(plot), "config": {"model": model_config.to_dict(),
+                                      "training": config.to_dict()},
+    }
+    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def load_for_prediction(workdir: str | Path):
+    """(model in eval mode, task with its tokenizers, training config) from the latest
+    checkpoint in `workdir`; raises NoCheckpointError if there is none."""
+    model_config, config = load_run_config(workdir)
+    checkpointer = Checkpointer(workdir, config.keep_checkpoints, create=False)
+    try:
+        parts, params = init_model(model_config, config.seed)
+        tx, _ = make_optimizer(config, model_config.d_model)
+        state = checkpointer.restore(init_train_state(params, tx, config.seed))
+    finally:
+        checkpointer.close()
+    task = restore_task(tokenizer_dir(workdir))
+    return parts.model(state.params), task, config
+
+
+def predict(workdir: str | Path, texts: list[str], *,
+            config_overrides: dict[str, Any] | None = None) -> list[str]:
+    """Outputs of the latest checkpoint in `workdir` for `texts` (decoding options such as
+    `decode`/`beam_size` may be overridden)."""
+    model, task, config = load_for_prediction(workdir)
+    if config_overrides:
+        config = config.replace(**config_overrides)
+    return predict_texts(model, task, texts, config)

@@ -1,0 +1,112 @@
+"""Metrics on disk: a JSONL log, TensorBoard event files, and a PNG plot of the curves.
+
+Every record is one line of `metrics.jsonl`: {"split": "train"|"valid"|"test", "step": int,
+<name>: float, ...}. The same scalars go to TensorBoard as "<split>/<name>" under
+`workdir/tensorboard`. `plot_curves` reads the JSONL back, so a resumed run's plot shows the
+whole history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+PLOT_FILE = "curves.png"
+
+
+class MetricsWriter:
+    """Appends records to `workdir/metrics.jsonl` and TensorBoard; `start_step` > 0 (a resumed
+    run) purges TensorBoard events at or after it, written by an interrupted earlier run."""
+
+    def __init__(self, workdir: str | Path, *, start_step: int = 0, tensorboard: bool = True):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.path = self.workdir / METRICS_FILE
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR),
+                                     purge_step=start_step or None, flush_secs=30)
+
+    def write(self, split: str, step: int, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Writes the numeric entries of `values` (others are kept in JSONL only)."""
+        record: dict[str, Any] = {"split": split, "step": int(step), "time": round(time.time(), 3)}
+        for name, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                record[name] = value
+                continue
+            record[name] = float(value) if isinstance(value, float) else value
+            if self._tb is not None and math.isfinite(float(value)):
+                self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        return record
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL metrics file; for a step logged twice (a run resumed from an older
+    checkpoint) the later record wins."""
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    path = Path(path)
+    if not path.is_file():
+        return []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[(record["split"], record["step"])] = record
+    return sorted(records.values(), key=lambda r: (r["step"], r["split"]))
+
+
+def _series(records, split: str, name: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[name]) for r in records if r["split"] == split and name in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_curves(workdir: str | Path, metric_name: str | None = None) -> Path:
+    """Writes `workdir/curves.png`: train/valid loss, token accuracy, and the task metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workdir = Path(workdir)
+    records = read_metrics(workdir / METRICS_FILE)
+    panels = [("loss", "loss (label-smoothed)"), ("accuracy", "token accuracy")]
+    if metric_name:
+        panels.append((metric_name, metric_name))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+    for ax, (name, title) in zip(axes, panels):
+        for split, style, color in (("train", "-", "C0"), ("valid", "o-", "C1"),
+                                    ("test", "s", "C2")):
+            steps, values = _series(records, split, name)
+            if steps:
+                ax.plot(steps, values, style, color=color, label=split, markersize=4)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    path = workdir / PLOT_FILE
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,79 @@
+"""The train state: a plain pytree of arrays, split from the NNX model once.
+
+`TrainState(step, params, opt_state, rng)` holds everything that changes during training and
+everything a checkpoint must restore for a bitwise-identical resume: the batch counter, the
+float32 parameters (an `nnx.State` of `nnx.Param`s), the Optax state and the raw dropout key.
+The model's structure (`graphdef`, one for training and one for evaluation) and its other
+variables (`rest`: the dropout streams, reseeded every step) live in `ModelParts`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ..config import TransformerConfig
+from ..nn import Transformer
+
+
+class TrainState(NamedTuple):
+    """step: int32 count of training batches seen; params: nnx.State of the model's Params;
+    opt_state: the Optax state; rng: uint32 raw key data of the dropout base key."""
+
+    step: jnp.ndarray
+    params: Any
+    opt_state: Any
+    rng: jnp.ndarray
+
+
+class ModelParts(NamedTuple):
+    """The static halves of the split model: graphdefs in train and eval mode, other state."""
+
+    train_graphdef: Any
+    eval_graphdef: Any
+    rest: Any
+
+    def model(self, params, *, train: bool = False) -> Transformer:
+        """A Transformer with `params` merged in (eval mode: dropout off)."""
+        graphdef = self.train_graphdef if train else self.eval_graphdef
+        return nnx.merge(graphdef, params, self.rest)
+
+
+def init_model(config: TransformerConfig, seed: int) -> tuple[ModelParts, Any]:
+    """(ModelParts, params) of a fresh Transformer; parameters are drawn from `seed`."""
+    model = Transformer(config, rngs=nnx.Rngs(params=seed, dropout=seed))
+    model.train()
+    train_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    model.eval()
+    eval_graphdef, _, _ = nnx.split(model, nnx.Param, ...)
+    for leaf in jax.tree.leaves(params):
+        if leaf.dtype != jnp.float32:
+            raise ValueError(
+                f"training keeps parameters in float32, got {leaf.dtype}; set "
+                "TransformerConfig.param_dtype='float32' (dtype may stay bfloat16 for compute)"
+            )
+    return ModelParts(train_graphdef, eval_graphdef, rest), params
+
+
+def init_train_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0: the optimizer state of `params` and the dropout key of `seed`."""
+    dropout_key = jax.random.fold_in(jax.random.key(seed), 1)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(dropout_key),
+    )
+
+
+def abstract_train_state(state: TrainState) -> TrainState:
+    """Shapes and dtypes of `state` (a restore target that allocates nothing)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), state)
+
+
+def count_params(params) -> int:
+    return int(sum(leaf.size for leaf in jax.tree.leaves(params)))

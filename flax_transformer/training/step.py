@@ -1,0 +1,93 @@
+"""Pure, jit-compiled train and eval steps over the split model.
+
+`train_step(state, batch) -> (state, metrics)` is compiled once per bucket shape with
+`jax.jit(..., donate_argnums=0)`: the old parameters and optimizer state are donated and
+updated in place. `metrics` are device scalars (summed statistics, see `loss.py`); the loop
+fetches them to the host only every `log_every` steps.
+
+Dropout: every step reseeds the model's dropout streams with fold_in(rng, step), so the masks
+depend only on the seed and the step number, and a resumed run draws the same ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .loss import cross_entropy_stats
+from .state import ModelParts, TrainState
+
+Batch = Mapping[str, Any]  # src, tgt_in, tgt_out: int32 [B, L]
+BATCH_KEYS = ("src", "tgt_in", "tgt_out")
+
+
+def batch_arrays(batch) -> dict[str, np.ndarray]:
+    """The arrays a step needs from a `data.Batch` (or a mapping with those keys)."""
+    if isinstance(batch, Mapping):
+        return {k: np.asarray(batch[k], np.int32) for k in BATCH_KEYS}
+    return {k: np.asarray(getattr(batch, k), np.int32) for k in BATCH_KEYS}
+
+
+def _forward_stats(model, batch: Batch, label_smoothing: float) -> dict[str, jnp.ndarray]:
+    logits = model(batch["src"], batch["tgt_in"])
+    return cross_entropy_stats(logits, batch["tgt_out"], label_smoothing=label_smoothing)
+
+
+def make_train_step(
+    parts: ModelParts,
+    tx: optax.GradientTransformation,
+    *,
+    label_smoothing: float = 0.1,
+    jit: bool = True,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jnp.ndarray]]]:
+    """One optimizer step (or micro-step under `optax.MultiSteps`) on one batch.
+
+    The gradient is that of the mean label-smoothed loss per non-pad target token. Metrics:
+    loss_sum, nll_sum, correct, tokens (sums over the batch) and grad_norm (before clipping).
+    """
+
+    def loss_fn(params, batch, dropout_key):
+        rest = jax.tree.map(jnp.asarray, parts.rest)  # fresh Variables owned by this trace
+        model = nnx.merge(parts.train_graphdef, params, rest)
+        nnx.reseed(model, dropout=dropout_key)
+        stats = _forward_stats(model, batch, label_smoothing)
+        return stats["loss_sum"] / jnp.maximum(stats["tokens"], 1.0), stats
+
+    def train_step(state: TrainState, batch: Batch):
+        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        grads, stats = jax.grad(loss_fn, has_aux=True)(state.params, batch, dropout_key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**stats, "grad_norm": optax.tree.norm(grads)}
+        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+    return jax.jit(train_step, donate_argnums=0) if jit else train_step
+
+
+def make_eval_step(
+    parts: ModelParts, *, label_smoothing: float = 0.1, jit: bool = True
+) -> Callable[[Any, Batch], dict[str, jnp.ndarray]]:
+    """`eval_step(params, batch) -> summed statistics` with dropout off (nothing donated)."""
+
+    def eval_step(params, batch: Batch):
+        model = nnx.merge(parts.eval_graphdef, params, parts.rest)
+        return _forward_stats(model, batch, label_smoothing)
+
+    return jax.jit(eval_step) if jit else eval_step
+
+
+def sum_metrics(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """Host-side sums of fetched step metrics (grad_norm is averaged)."""
+    if not metrics:
+        return {}
+    host = jax.device_get(metrics)
+    out = {k: float(sum(np.asarray(m[k], np.float64) for m in host)) for k in host[0]}
+    if "grad_norm" in out:
+        out["grad_norm"] /= len(host)
+    return out

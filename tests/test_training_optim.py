@@ -1,0 +1,140 @@
+"""Schedules at chosen steps, the optimizer chain (clipping, accumulation), config checks."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flax_transformer.training import TrainingConfig, make_optimizer, make_schedule
+from flax_transformer.training.config import RUN_PRESETS, resolve_preset
+from flax_transformer.training.optim import decay_mask, learning_rate_at
+
+
+def paper_lr(step, d_model, warmup, scale=1.0):
+    return scale * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
+
+
+@pytest.mark.parametrize("step", [1, 10, 3999, 4000, 4001, 10000, 100000])
+def test_noam_schedule_is_the_papers_formula(step):
+    config = TrainingConfig(lr_schedule="noam", warmup_steps=4000, learning_rate=1.0)
+    schedule = make_schedule(config, d_model=512)
+    # optax passes the update count (0-based); the paper's step number is count + 1.
+    np.testing.assert_allclose(float(schedule(step - 1)), paper_lr(step, 512, 4000), rtol=1e-6)
+
+
+def test_noam_peak_and_scale():
+    config = TrainingConfig(lr_schedule="noam", warmup_steps=100, learning_rate=2.0)
+    schedule = make_schedule(config, d_model=256)
+    values = [float(schedule(c)) for c in range(300)]
+    assert int(np.argmax(values)) == 99  # step 100 = warmup
+    np.testing.assert_allclose(max(values), 2.0 * 256**-0.5 * 100**-0.5, rtol=1e-6)
+
+
+def test_cosine_schedule_values():
+    config = TrainingConfig(lr_schedule="cosine", learning_rate=1e-3, warmup_steps=10,
+                            steps=110, min_lr_ratio=0.1)
+    schedule = make_schedule(config, d_model=64)
+    np.testing.assert_allclose(float(schedule(0)), 1e-4, rtol=1e-6)  # step 1 of 10 warmup
+    np.testing.assert_allclose(float(schedule(9)), 1e-3, rtol=1e-6)  # peak at warmup
+    middle = 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5))
+    np.testing.assert_allclose(float(schedule(59)), middle, rtol=1e-5)  # half-way down
+    np.testing.assert_allclose(float(schedule(109)), 1e-4, rtol=1e-5)  # the floor at the end
+    np.testing.assert_allclose(float(schedule(500)), 1e-4, rtol=1e-5)
+
+
+def test_rsqrt_and_constant_schedules():
+    rsqrt = make_schedule(TrainingConfig(lr_schedule="rsqrt", learning_rate=1e-3,
+                                         warmup_steps=100), d_model=64)
+    np.testing.assert_allclose(float(rsqrt(49)), 0.5e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(rsqrt(99)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(rsqrt(399)), 0.5e-3, rtol=1e-6)  # sqrt(100/400)
+    const = make_schedule(TrainingConfig(lr_schedule="constant", learning_rate=1e-3,
+                                         warmup_steps=0), d_model=64)
+    assert float(const(0)) == float(const(1000)) == pytest.approx(1e-3)
+
+
+def test_learning_rate_at_counts_updates_not_micro_batches():
+    config = TrainingConfig(lr_schedule="rsqrt", learning_rate=1.0, warmup_steps=10,
+                            accumulate_steps=4, steps=100)
+    schedule = make_schedule(config, d_model=8)
+    assert learning_rate_at(schedule, config, 7) == float(schedule(1))
+
+
+def _quadratic_params():
+    return {"w": jnp.ones((2, 3)), "b": jnp.zeros((3,))}
+
+
+def test_adam_hyperparameters_and_clipping():
+    config = TrainingConfig(lr_schedule="constant", learning_rate=0.1, warmup_steps=0,
+                            grad_clip=1.0)
+    tx, _ = make_optimizer(config, d_model=8)
+    params = _quadratic_params()
+    state = tx.init(params)
+    huge = jax.tree.map(lambda p: jnp.full_like(p, 1e6), params)
+    updates, _ = tx.update(huge, state, params)
+    # Adam's first step is lr * g / (|g| + eps) elementwise: ~ -lr whatever the scale.
+    np.testing.assert_allclose(np.asarray(updates["w"]), -0.1, rtol=1e-5)
+    clip = optax.clip_by_global_norm(1.0)
+    clipped, _ = clip.update(huge, clip.init(params))
+    assert float(optax.tree.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    base = dict(lr_schedule="constant", learning_rate=0.1, warmup_steps=0, grad_clip=0.0)
+    accumulate, _ = make_optimizer(TrainingConfig(accumulate_steps=2, steps=10, **base), 8)
+    single, _ = make_optimizer(TrainingConfig(**base), 8)
+    params = _quadratic_params()
+    g1 = jax.tree.map(lambda p: jnp.full_like(p, 1.0), params)
+    g2 = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
+    state = accumulate.init(params)
+    u1, state = accumulate.update(g1, state, params)
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(u1))  # no update yet
+    u2, _ = accumulate.update(g2, state, params)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+    expected, _ = single.update(mean, single.init(params), params)
+    for a, b in zip(jax.tree.leaves(u2), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+def test_adamw_decays_matrices_only():
+    config = TrainingConfig(optimizer="adamw", weight_decay=0.1, lr_schedule="constant",
+                            learning_rate=0.1, warmup_steps=0, grad_clip=0.0)
+    tx, _ = make_optimizer(config, 8)
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -0.01, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(updates["b"]), 0.0)
+    assert decay_mask(params) == {"w": True, "b": False}
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(steps=0), "steps"),
+    (dict(optimizer="sgd"), "optimizer"),
+    (dict(lr_schedule="linear"), "lr_schedule"),
+    (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(weight_decay=0.1), "weight_decay"),
+    (dict(accumulate_steps=8, steps=4), "accumulate_steps"),
+    (dict(decode="sample"), "decode"),
+    (dict(grad_clip=-1.0), "grad_clip"),
+])
+def test_training_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        TrainingConfig(**overrides)
+
+
+def test_presets_resolve_and_unknown_ones_fail():
+    for name in RUN_PRESETS:
+        model, training = resolve_preset(name, None)
+        assert model.param_dtype == "float32"
+    model, training = resolve_preset(None, "g2p")
+    assert training.task == "g2p" and training.steps == RUN_PRESETS["g2p"].training["steps"]
+    _, training = resolve_preset("tiny", "copy")
+    assert training.task == "copy"
+    with pytest.raises(ValueError, match="preset 'nope' is not known"):
+        resolve_preset("nope", None)
+    with pytest.raises(ValueError, match="unknown TrainingConfig field"):
+        TrainingConfig().replace(stepz=3)

@@ -1,0 +1,178 @@
+"""Train the Transformer: `python train.py` trains CMUdict G2P with the CPU-sized preset.
+
+Every field of `TransformerConfig` and `TrainingConfig` is a flag (`d_model` -> `--d-model`,
+`lr_schedule` -> `--lr-schedule`, booleans as `--flag/--no-flag`); a value given on the
+command line overrides the preset, which overrides the dataclass default.
+
+    python train.py                                   # g2p, preset "g2p", workdir runs/g2p
+    python train.py --preset g2p-long --workdir runs/g2p-long
+    python train.py --task translate                  # needs: pip install -e .[translate]
+    python train.py --task translate --train-file pairs.tsv --workdir runs/mine
+    python train.py --resume --steps 6000             # continue runs/g2p to step 6000
+    python train.py --predict hello world            # pronunciations from runs/g2p
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from typing import Any
+
+from flax_transformer.config import TransformerConfig
+from flax_transformer.training.config import RUN_PRESETS, TrainingConfig
+
+# Model fields that come from the data, not from the command line.
+DERIVED_MODEL_FIELDS = ("src_vocab_size", "tgt_vocab_size")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line `error: ...` on stderr, exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _flag_type(hint: Any) -> tuple[Any, bool]:
+    """(base type, accepts None) of a dataclass field's type hint."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def _converter(base: type, optional: bool):
+    def convert(text: str):
+        if optional and text.lower() == "none":
+            return None
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {base.__name__}, got {text!r}"
+            ) from None
+
+    convert.__name__ = base.__name__  # argparse names the type in its messages
+    return convert
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str,
+                     skip: tuple[str, ...] = ()) -> list[str]:
+    """One `--kebab-case` flag per dataclass field (default SUPPRESS: absent unless given);
+    returns the field names."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    names = []
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        base, optional = _flag_type(hints[field.name])
+        help_text = f"default: {field.default} (or the preset's)"
+        if base is bool:
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(flag, dest=field.name, type=_converter(base, optional),
+                               default=argparse.SUPPRESS, metavar=base.__name__.upper(),
+                               help=help_text)
+        names.append(field.name)
+    return names
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
+    presets = ", ".join(f"{k} ({v.about})" for k, v in RUN_PRESETS.items())
+    parser = OneLineParser(
+        description="Train an encoder-decoder Transformer (Flax NNX + Optax) and report the "
+                    "task metric on the test split.",
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument("--preset", default=None,
+                     help=f"run preset: {presets}; or a model preset tiny/small/base/big "
+                          "(default: the task's preset)")
+    run.add_argument("--workdir", default=None,
+                     help="where checkpoints, metrics and the plot go (default: runs/<task>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the latest checkpoint in --workdir")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete a previous run's files in --workdir and start again")
+    run.add_argument("--predict", nargs="+", metavar="TEXT", default=None,
+                     help="load the latest checkpoint in --workdir and print the outputs")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    training = add_config_flags(parser, TrainingConfig, "training (TrainingConfig)")
+    model = add_config_flags(parser, TransformerConfig, "model (TransformerConfig)",
+                             skip=DERIVED_MODEL_FIELDS)
+    clash = set(training) & set(model)
+    assert not clash, f"flag names defined twice: {clash}"
+    return parser, training, model
+
+
+def run(args: argparse.Namespace, training_fields: list[str], model_fields: list[str]) -> int:
+    from flax_transformer.data import available_tasks
+    from flax_transformer.training.checkpoint import load_run_config
+    from flax_transformer.training.config import resolve_preset
+    from flax_transformer.training.loop import predict, train
+
+    given = vars(args)
+    training_overrides = {k: given[k] for k in training_fields if k in given}
+    model_overrides = {k: given[k] for k in model_fields if k in given}
+    task = training_overrides.get("task")
+    if task is not None and task not in available_tasks():
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(available_tasks())}")
+    workdir = args.workdir or f"runs/{task or TrainingConfig.task}"
+
+    if args.predict is not None:
+        decoding = {k: v for k, v in training_overrides.items()
+                    if k in ("decode", "beam_size", "length_penalty")}
+        for text, output in zip(args.predict, predict(workdir, args.predict,
+                                                      config_overrides=decoding)):
+            print(f"{text}\t{output}")
+        return 0
+
+    if args.resume:
+        if args.preset is not None:
+            raise ValueError("--preset cannot be combined with --resume (the run's saved "
+                             "config is used); drop --preset")
+        model_config, config = load_run_config(workdir)
+        changed = sorted(k for k, v in model_overrides.items() if getattr(model_config, k) != v)
+        if changed:
+            raise ValueError(f"model setting(s) {changed} cannot change when resuming; drop "
+                             "them or train in a new --workdir")
+        config = config.replace(**training_overrides)
+    else:
+        model_config, config = resolve_preset(args.preset, task)
+        model_config = model_config.replace(**model_overrides)
+        config = config.replace(**training_overrides)
+
+    summary = train(model_config, config, workdir, resume=args.resume,
+                    overwrite=args.overwrite, progress=not args.no_progress)
+    test = summary["test"]
+    metric = summary["metric_name"]
+    report = f"{metric} {test[metric]:.4f}" if metric in test else "no test split"
+    if "per" in test:
+        report += f", per {test['per']:.4f}"
+    print(f"done: {summary['steps']} steps in {summary['wall_seconds']:.0f} s; test {report}; "
+          f"workdir {workdir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, training_fields, model_fields = build_parser()
+    args = parser.parse_args(argv)
+    from flax_transformer.data import MissingDependencyError
+
+    try:
+        return run(args, training_fields, model_fields)
+    except (ValueError, FileNotFoundError, MissingDependencyError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
