@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Self
 
 from .kernels import ACTIVATIONS, IMPLEMENTATIONS
 
@@ -11,8 +11,29 @@ NORMS = ("post", "pre")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class ConfigMethods:
+    """`replace`, `to_dict`, `from_dict` for the frozen, self-validating config dataclasses."""
+
+    def replace(self, **overrides: Any) -> Self:
+        """A copy with `overrides` applied (validated); unknown fields raise ValueError."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown {type(self).__name__} field(s) {unknown}; known fields: {sorted(known)}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        return cls().replace(**values)
+
+
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(ConfigMethods):
     """Hyperparameters of the encoder-decoder Transformer (defaults: the paper's base model).
 
     norm: "post" is the paper's Add&Norm, LayerNorm(x + Sublayer(x)); "pre" is
@@ -93,23 +114,6 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
-
-    def replace(self, **overrides: Any) -> TransformerConfig:
-        """A copy with `overrides` applied (validated); unknown fields raise ValueError."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown TransformerConfig field(s) {unknown}; known fields: {sorted(known)}"
-            )
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
-        return cls().replace(**values)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TransformerConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import TransformerConfig
+from ..config import ConfigMethods, TransformerConfig
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("noam", "cosine", "rsqrt", "constant")
@@ -18,7 +18,7 @@ DECODERS = ("greedy", "beam")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainingConfig:
+class TrainingConfig(ConfigMethods):
     """Hyperparameters of training, evaluation and checkpointing.
 
     Learning rate: `lr_schedule="noam"` is the paper's
@@ -121,23 +121,6 @@ class TrainingConfig:
         """Optimizer updates in the run (batches / accumulate_steps)."""
         return self.steps // self.accumulate_steps
 
-    def replace(self, **overrides: Any) -> TrainingConfig:
-        """A copy with `overrides` applied (validated); unknown fields raise ValueError."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown TrainingConfig field(s) {unknown}; known fields: {sorted(known)}"
-            )
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
-        return cls().replace(**values)
-
 
 @dataclasses.dataclass(frozen=True)
 class RunPreset:
@@ -159,8 +142,8 @@ RUN_PRESETS: dict[str, RunPreset] = {
     "g2p": RunPreset(
         "small", dict(d_model=128, num_heads=4, d_ff=512, num_encoder_layers=2,
                       num_decoder_layers=2, dropout_rate=0.0, max_len=48),
-        dict(task="g2p", steps=6200, batch_size=256, num_buckets=5, log_every=50,
-             eval_every=1550, checkpoint_every=1550, lr_schedule="cosine", learning_rate=3e-3,
+        dict(task="g2p", steps=7000, batch_size=256, num_buckets=5, log_every=50,
+             eval_every=1750, checkpoint_every=1750, lr_schedule="cosine", learning_rate=3e-3,
              warmup_steps=200, min_lr_ratio=0.05, grad_clip=1.0, decode="beam", beam_size=4,
              eval_examples=1000, eval_batch_size=512),
         "the default: CMUdict G2P sized for <= 15 minutes on a quiet 2-core CPU"),
