@@ -30,7 +30,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    add_malloc_flag,
+    configure_malloc,
     describe_machine,
+    malloc_note,
     markdown_table,
     time_fn,
     today,
@@ -70,7 +73,9 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (128)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per path (3)")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    add_malloc_flag(parser)
     args = parser.parse_args(argv)
+    configure_malloc(args.default_malloc)
     batches = [int(b) for b in args.batch.split(",")]
 
     config = TransformerConfig.preset(args.preset)
@@ -120,7 +125,7 @@ def main(argv=None) -> None:
         f"- date: {today()}",
         f"- machine: {machine}",
         f"- 1-minute load average during the run: {load} (shared machine)",
-        f"- command: `{command}`",
+        f"- command: `{command}`; {malloc_note(args.default_malloc)}",
         "",
         table,
     ])

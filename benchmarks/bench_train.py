@@ -114,7 +114,7 @@ def torch_times(config: TransformerConfig, batch: int, length: int, args):
     if args.torch_threads:
         cmd += ["--threads", str(args.torch_threads)]
     repo = Path(__file__).resolve().parent.parent
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=repo)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env=args.child_env)
     if done.returncode != 0:
         if "No module named 'torch'" in done.stderr:
             print("torch not installed: pip install -e .[bench] to include it", file=sys.stderr)
@@ -181,7 +181,9 @@ def main(argv=None) -> None:
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own, = cores)")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    common.add_malloc_flag(parser)
     args = parser.parse_args(argv)
+    args.child_env = common.configure_malloc(args.default_malloc)
 
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     peak = measured_peak_flops(dtype)
@@ -194,7 +196,8 @@ def main(argv=None) -> None:
               "MFU (datasheet)", "vs fastest peer"]
     table = common.markdown_table(header, rows)
     body = (f"{common.describe_machine()}\n\nCommand: `python -m benchmarks.bench_train "
-            f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+            f"{' '.join(argv if argv is not None else sys.argv[1:])}`; "
+            f"{common.malloc_note(args.default_malloc)}\n\n"
             f"Measured {jnp.dtype(dtype).name} matmul peak: {peak / 1e9:,.1f} GFLOP/s"
             f"{'' if datasheet is None else f'; datasheet {datasheet / 1e12:,.0f} TFLOP/s'}."
             f"\n\n{table}\n")

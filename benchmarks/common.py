@@ -14,6 +14,33 @@ from pathlib import Path
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 
 
+def add_malloc_flag(parser) -> None:
+    """`--default-malloc`: opt out of `flax_transformer.runtime.keep_freed_memory`."""
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default malloc settings (by default every process "
+                        "of the run, peers included, keeps freed memory: see "
+                        "flax_transformer/runtime.py)")
+
+
+def configure_malloc(default_malloc: bool) -> dict[str, str]:
+    """Apply the malloc setting to this process; return the environment for child processes.
+
+    Peers in child processes (torch) get the same setting, so the comparison stays fair.
+    """
+    from flax_transformer.runtime import KEEP_FREED_MEMORY_ENV, keep_freed_memory
+
+    if default_malloc:
+        return dict(os.environ)
+    keep_freed_memory()
+    return {**os.environ, **KEEP_FREED_MEMORY_ENV}
+
+
+def malloc_note(default_malloc: bool) -> str:
+    """How the run's processes were configured, for RESULTS.md."""
+    return ("glibc malloc defaults (`--default-malloc`)" if default_malloc else
+            "every process keeps freed memory (`flax_transformer.runtime.keep_freed_memory`)")
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
