@@ -73,6 +73,13 @@ def test_missing_optional_package(capsys, tmp_path, monkeypatch):
     assert "pip install -e .[translate]" in line
 
 
+def test_missing_debian_dictionary(capsys, tmp_path):
+    line = _one_error_line(capsys, ["--task", "translate", "--corpus", "trans-de-en",
+                                    "--data-dir", str(tmp_path), "--workdir", str(tmp_path / "w")],
+                           "trans-de-en")
+    assert "apt-get install trans-de-en" in line
+
+
 def test_malformed_tsv_line(capsys, tmp_path):
     tsv = tmp_path / "pairs.tsv"
     tsv.write_text("hallo welt\thello world\nkein tab hier\n")

@@ -15,6 +15,7 @@ from flax_transformer.data.batching import (
 from flax_transformer.data.subword import SubwordTokenizer
 from flax_transformer.data.tasks import (
     Example,
+    MissingDependencyError,
     Task,
     available_tasks,
     load_task,
@@ -22,7 +23,6 @@ from flax_transformer.data.tasks import (
     register_task,
     restore_task,
 )
-from flax_transformer.data.translate import MissingDependencyError
 from flax_transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
 
 __all__ = [

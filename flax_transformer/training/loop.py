@@ -42,7 +42,7 @@ def build_task(config: TrainingConfig, tokenizers: str | Path | None = None) -> 
     saved tokenizers (resume, predict). Raises ValueError for an empty training split."""
     options: dict[str, Any] = {}
     if config.task == "translate":
-        options["vocab_size"] = config.subword_vocab_size
+        options.update(vocab_size=config.subword_vocab_size, corpus=config.corpus)
     task = load_task(config.task, seed=config.seed, train_file=config.train_file,
                      valid_file=config.valid_file, test_file=config.test_file,
                      data_dir=config.data_dir, max_examples=config.max_examples,
