@@ -238,3 +238,13 @@ def test_filter_logits_top_k_and_top_p():
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call(model_for(0))
+
+
+def test_first_argmax_matches_jnp_argmax():
+    from flax_transformer.decoding.common import first_argmax
+
+    x = np.random.default_rng(0).normal(size=(4, 3, 50)).astype(np.float32)
+    x[0, 0, [7, 9]] = 10.0  # ties: the first index wins
+    x[1, 2, [3, 30]] = np.nan  # NaN: the first NaN, as jnp.argmax
+    x[2, 1] = -np.inf
+    np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), jnp.argmax(jnp.asarray(x), -1))

@@ -54,10 +54,15 @@ def _gather_beams(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def _reorder_self_caches(cache, rows: jax.Array):
-    """Rows [B*K] of every self-attention buffer; the memory keys/values are the same for
-    all beams of an input, so they are not copied."""
+    """Rows [B*K] of every self-attention buffer ([B*K*H, ...], see KVCache); the memory
+    keys/values are the same for all beams of an input, so they are not copied."""
+
+    def take(x):
+        per_row = x.reshape(rows.shape[0], -1, *x.shape[1:])
+        return per_row[rows].reshape(x.shape)
+
     layers = tuple(
-        layer._replace(self_attention=jax.tree.map(lambda x: x[rows], layer.self_attention))
+        layer._replace(self_attention=jax.tree.map(take, layer.self_attention))
         for layer in cache.layers
     )
     return cache._replace(layers=layers)

@@ -76,6 +76,18 @@ def suppress_special(logits: jax.Array) -> jax.Array:
     return logits.at[..., PAD_ID].set(NEG_INF).at[..., BOS_ID].set(NEG_INF)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` (first maximum; first NaN if any) as two plain reductions.
+
+    x: [..., V] -> int32 [...]. XLA:CPU runs argmax's (value, index) reduction ~6x slower
+    than a max followed by a min over the matching indices.
+    """
+    top = jnp.max(x, axis=-1, keepdims=True)
+    hit = (x == top) | jnp.isnan(x)
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+
+
 def trim(tokens: np.ndarray) -> np.ndarray:
     """Drop trailing columns that are padding in every row ([..., L] -> [..., L'], L' >= 1)."""
     tokens = np.asarray(tokens)

@@ -22,6 +22,7 @@ from .common import (
     check_model,
     check_positive_int,
     check_real,
+    first_argmax,
     merge_for_decoding,
     prepare_source,
     split_model,
@@ -81,7 +82,7 @@ def _compiled_search(graphdef, max_len: int, use_cache: bool, sampling: bool,
                                        top_p=top_p if use_top_p else None)
                 token = jax.random.categorical(jax.random.fold_in(rng, t), scores, axis=-1)
             else:
-                token = jnp.argmax(scores, axis=-1)
+                token = first_argmax(scores)
             token = jnp.where(finished, PAD_ID, token).astype(jnp.int32)
             tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, t + 1))
             finished = finished | ((token == EOS_ID) & ~ignore_eos)

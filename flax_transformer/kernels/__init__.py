@@ -1,6 +1,11 @@
 """Pure JAX kernels (no Flax): attention, feed-forward, masks, positional encodings."""
 
-from .attention import IMPLEMENTATIONS, multi_head_attention, single_head_attention
+from .attention import (
+    IMPLEMENTATIONS,
+    cached_attention,
+    multi_head_attention,
+    single_head_attention,
+)
 from .cross_entropy import softmax_cross_entropy
 from .dropout import dropout
 from .feed_forward import ACTIVATIONS, feed_forward, get_activation
@@ -11,6 +16,7 @@ from .positional import sinusoidal_positions
 __all__ = [
     "ACTIVATIONS",
     "IMPLEMENTATIONS",
+    "cached_attention",
     "causal_mask",
     "combine_masks",
     "dropout",

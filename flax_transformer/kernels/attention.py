@@ -52,6 +52,39 @@ def single_head_attention(
     return out.astype(q.dtype)
 
 
+def cached_attention(
+    q: jnp.ndarray, key_cache: jnp.ndarray, value_cache: jnp.ndarray,
+    mask: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+    """Attention of a few new queries over a decoding cache kept in matmul-ready layouts.
+
+    q: [B, Tq, H, Dk]; key_cache: [B*H, Dk, Tk] (K^T of each (batch, head) pair);
+    value_cache: [B*H, Tk, Dv]; mask: bool broadcastable to [B, H, Tq, Tk]  ->  [B, Tq, H, Dv]
+
+    Equals `multi_head_attention(q, k, v, mask)` for
+    key_cache = k.transpose(0, 2, 3, 1).reshape(B*H, Dk, Tk) and
+    value_cache = v.transpose(0, 2, 1, 3).reshape(B*H, Tk, Dv). These are exactly the
+    operands of the two batched matmuls, so a decoding step updates the cache in place and
+    reads it as is; with [B, Tk, H, D] (or even [B, H, ...]) caches XLA copies every layer's
+    whole cache several times per step.
+    """
+    batch, tq, heads, dk = q.shape
+    tk = key_cache.shape[-1]
+    scale = 1.0 / math.sqrt(dk)
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    q = q.transpose(0, 2, 1, 3).reshape(batch * heads, tq, dk)
+    scores = jnp.einsum("nqd,ndk->nqk", q, key_cache, preferred_element_type=acc) * scale
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (batch, heads, tq, tk)).reshape(batch * heads, tq, tk)
+        scores = jnp.where(mask, scores, jnp.finfo(acc).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    if mask is not None:
+        weights = jnp.where(mask, weights, 0.0)  # fully masked rows -> zeros
+    out = jnp.einsum("nqk,nkd->nqd", weights.astype(value_cache.dtype), value_cache,
+                     preferred_element_type=acc)
+    return out.reshape(batch, heads, tq, -1).transpose(0, 2, 1, 3).astype(q.dtype)
+
+
 def _vmap_heads(q, k, v, mask, dropout_rate, dropout_rng):
     """`single_head_attention` vmapped over heads, then over the batch (the reference path)."""
     batch, _, heads, _ = q.shape

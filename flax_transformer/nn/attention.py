@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import TransformerConfig
-from ..kernels import multi_head_attention
+from ..kernels import cached_attention, multi_head_attention
 
 
 def glorot(in_axis=0, out_axis=-1, batch_axis=()):
@@ -22,13 +22,22 @@ def glorot(in_axis=0, out_axis=-1, batch_axis=()):
 class KVCache(NamedTuple):
     """Projected keys and values of one attention sub-layer, kept between decoding steps.
 
-    key, value: [B, T, H, Dh]. For self-attention T is the decoding buffer length (filled up
-    to the current position); for encoder-decoder attention T is the source length.
+    key: [B*H, Dh, T], value: [B*H, T, Dh] (see `kernels.cached_attention`). For
+    self-attention T is the decoding buffer length (filled up to the current position); for
+    encoder-decoder attention T is the source length.
     A NamedTuple, hence a pytree: it passes through `jax.jit` and `lax.while_loop` as is.
     """
 
     key: jax.Array
     value: jax.Array
+
+
+def _cache_layout(k: jnp.ndarray, v: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """k, v [B, T, H, Dh] -> KVCache layouts: keys [B*H, Dh, T], values [B*H, T, Dh]"""
+    batch, length, heads, head_dim = k.shape
+    key = k.transpose(0, 2, 3, 1).reshape(batch * heads, head_dim, length)
+    value = v.transpose(0, 2, 1, 3).reshape(batch * heads, length, v.shape[-1])
+    return key, value
 
 
 class MultiHeadAttention(nnx.Module):
@@ -91,6 +100,10 @@ class MultiHeadAttention(nnx.Module):
             dropout_rng=self.dropout_rngs() if use_dropout else None,
             block_size=self.block_size,
         )
+        return self._output(heads)
+
+    def _output(self, heads: jnp.ndarray) -> jnp.ndarray:
+        """Concat(head_1, ..., head_H) W^O: heads [B, T, H, Dh] -> [B, T, D]"""
         concat = heads.reshape(*heads.shape[:2], -1)
         out = concat @ self.output_kernel[...].astype(self.dtype)
         return out + self.output_bias[...].astype(self.dtype)
@@ -120,32 +133,38 @@ class MultiHeadAttention(nnx.Module):
             self.deterministic = deterministic
 
     def init_self_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty self-attention cache: zero keys and values [B, max_len, H, Dh]."""
+        """An empty self-attention cache: keys [B*H, Dh, max_len], values [B*H, max_len, Dh]."""
         head_dim = self.query_kernel.shape[-1] // self.num_heads
-        shape = (batch, max_len, self.num_heads, head_dim)
-        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+        rows = batch * self.num_heads
+        return KVCache(jnp.zeros((rows, head_dim, max_len), self.dtype),
+                       jnp.zeros((rows, max_len, head_dim), self.dtype))
 
     def cross_cache(self, memory: jnp.ndarray) -> KVCache:
         """Keys and values of the encoder memory [B, S, D], projected once per input."""
-        return KVCache(*self.key_value(memory))
+        return KVCache(*_cache_layout(*self.key_value(memory)))
 
     def self_attend_step(self, x: jnp.ndarray, position, cache: KVCache
                          ) -> tuple[jnp.ndarray, KVCache]:
         """Masked self-attention for the single new position `position` (a traced int).
 
-        x: [B, 1, D]; cache: keys/values [B, L, H, Dh] of positions < position.
+        x: [B, 1, D]; cache: KVCache of length L holding the positions < position.
         Writes this position's key and value into the cache at `position`, attends to the keys
         at positions <= position (the causal mask, one row of it)  ->  ([B, 1, D], new cache).
         """
         # Separate projections: the fused one concatenates the weights, a copy every step.
         q, (k, v) = self.query(x), self.key_value(x)
-        start = (0, position, 0, 0)
-        key = jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start)
-        value = jax.lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start)
-        seen = jnp.arange(key.shape[1]) <= position
-        return self.attend(q, key, value, seen[None, None, None, :]), KVCache(key, value)
+        k, v = _cache_layout(k.astype(cache.key.dtype), v.astype(cache.value.dtype))
+        key = jax.lax.dynamic_update_slice(cache.key, k, (0, 0, position))
+        value = jax.lax.dynamic_update_slice(cache.value, v, (0, position, 0))
+        seen = jnp.arange(value.shape[1]) <= position
+        return self.attend_cache(q, key, value, seen[None, None, None, :]), KVCache(key, value)
 
     def cross_attend_step(self, x: jnp.ndarray, cache: KVCache,
                           mask: jnp.ndarray | None) -> jnp.ndarray:
         """Encoder-decoder attention of x [B, 1, D] over cached memory keys/values -> [B, 1, D]"""
-        return self.attend(self.query(x), cache.key, cache.value, mask)
+        return self.attend_cache(self.query(x), cache.key, cache.value, mask)
+
+    def attend_cache(self, q, key, value, mask) -> jnp.ndarray:
+        """`attend` for q [B, 1, H, Dh] over cached keys/values (KVCache layouts) -> [B, 1, D]"""
+        heads = cached_attention(q, key, value, mask)
+        return self._output(heads)
