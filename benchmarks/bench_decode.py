@@ -120,7 +120,8 @@ def main(argv=None) -> None:
         "decoder weights and the output embedding, ~150 MB in float32 for `base`); uncached "
         "decoding is bound by compute (the decoder over the whole buffer each step). So the "
         "ratio grows with the batch size, and on a shared machine it moves with the background "
-        "load, which slows the compute-bound path more.",
+        "load, which slows the compute-bound path more. What made the cached path faster is "
+        "in the section below.",
         "",
         f"- date: {today()}",
         f"- machine: {machine}",

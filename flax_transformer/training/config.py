@@ -176,6 +176,16 @@ RUN_PRESETS: dict[str, RunPreset] = {
              warmup_steps=300, min_lr_ratio=0.05, decode="beam", beam_size=4,
              eval_examples=300, eval_batch_size=128, subword_vocab_size=4000),
         "German -> English Bible translation sized for a ~15-minute CPU run"),
+    "trans-de-en": RunPreset(
+        "small", dict(d_model=128, num_heads=4, d_ff=512, num_encoder_layers=3,
+                      num_decoder_layers=3, dropout_rate=0.1, max_len=96,
+                      share_embeddings=True),
+        dict(task="translate", corpus="trans-de-en", steps=3000, batch_size=128, num_buckets=5,
+             log_every=50, eval_every=1500, checkpoint_every=1000, lr_schedule="cosine",
+             learning_rate=2e-3, warmup_steps=300, min_lr_ratio=0.05, decode="beam",
+             beam_size=4, eval_examples=500, eval_batch_size=256, subword_vocab_size=4000),
+        "German -> English on Debian's trans-de-en example sentences (apt-get install "
+        "trans-de-en), ~10 minutes"),
 }
 
 # The preset a task uses when --preset is not given (tasks not listed: "small" model defaults).
