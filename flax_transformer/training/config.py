@@ -161,9 +161,9 @@ RUN_PRESETS: dict[str, RunPreset] = {
         "the default: CMUdict G2P sized for <= 15 minutes on a quiet 2-core CPU"),
     "g2p-long": RunPreset(
         "small", dict(d_model=192, num_heads=4, d_ff=768, num_encoder_layers=3,
-                      num_decoder_layers=3, dropout_rate=0.0, max_len=48),
+                      num_decoder_layers=3, dropout_rate=0.1, max_len=48),
         dict(task="g2p", steps=12000, batch_size=256, num_buckets=5, log_every=100,
-             eval_every=2000, checkpoint_every=1000, lr_schedule="cosine", learning_rate=3e-3,
+             eval_every=2000, checkpoint_every=1000, lr_schedule="cosine", learning_rate=2e-3,
              warmup_steps=400, min_lr_ratio=0.05, grad_clip=1.0, decode="beam", beam_size=4,
              eval_examples=1000, eval_batch_size=512),
         "a longer CMUdict G2P run (3+3 layers, d_model 192): about an hour on 2 CPU cores"),
