@@ -7,6 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 from flax_transformer.kernels import (
+    cache_layout,
     cached_attention,
     causal_mask,
     combine_masks,
@@ -226,19 +227,12 @@ def test_masks():
         padding_mask(jnp.zeros((3,), jnp.int32))
 
 
-def to_cache(k, v):
-    """k, v [B, Tk, H, D] -> the decoding cache layouts of `cached_attention`."""
-    b, tk, h, d = k.shape
-    return (jnp.asarray(k).transpose(0, 2, 3, 1).reshape(b * h, d, tk),
-            jnp.asarray(v).transpose(0, 2, 1, 3).reshape(b * h, tk, v.shape[-1]))
-
-
 @pytest.mark.parametrize("case", ["none", "padding", "full_random"])
 @pytest.mark.parametrize("tq", [1, 3])
 def test_cached_attention_matches_reference_and_jax_nn(rng, case, tq):
     q, k, v = random_qkv(rng, batch=3, tq=tq, tk=7, heads=4)
     mask, _ = make_case(rng, case, 3, tq, 7, 4)
-    out = cached_attention(q, *to_cache(k, v), mask)
+    out = cached_attention(q, *cache_layout(jnp.asarray(k), jnp.asarray(v)), mask)
     assert out.shape == (3, tq, 4, 8) and out.dtype == jnp.float32
     assert relative_error(out, reference_attention(q, k, v, mask)) < 1e-5
     if case != "full_random":  # jax.nn averages fully masked rows; we return zeros
@@ -250,9 +244,10 @@ def test_cached_attention_fully_masked_rows_and_grads(rng):
     q, k, v = random_qkv(rng, batch=2, tq=1, tk=4, heads=2)
     mask = jnp.asarray([True, True, False, False])[None, None, None, :]
     mask = jnp.concatenate([mask, jnp.zeros_like(mask)], axis=0)  # batch 1: nothing visible
-    out = cached_attention(q, *to_cache(k, v), mask)
+    out = cached_attention(q, *cache_layout(jnp.asarray(k), jnp.asarray(v)), mask)
     assert not np.isnan(np.asarray(out)).any() and np.all(np.asarray(out[1]) == 0)
     with jax.enable_x64(True):
-        args = [jnp.asarray(x, jnp.float64) for x in (q, *to_cache(k, v))]
+        caches = cache_layout(jnp.asarray(k), jnp.asarray(v))
+        args = [jnp.asarray(x, jnp.float64) for x in (q, *caches)]
         check_grads(lambda a, b, c: cached_attention(a, b, c, mask), args, order=1,
                     modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)

@@ -2,6 +2,7 @@
 
 from .attention import (
     IMPLEMENTATIONS,
+    cache_layout,
     cached_attention,
     multi_head_attention,
     single_head_attention,
@@ -16,6 +17,7 @@ from .positional import sinusoidal_positions
 __all__ = [
     "ACTIVATIONS",
     "IMPLEMENTATIONS",
+    "cache_layout",
     "cached_attention",
     "causal_mask",
     "combine_masks",

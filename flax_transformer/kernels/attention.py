@@ -52,6 +52,15 @@ def single_head_attention(
     return out.astype(q.dtype)
 
 
+def cache_layout(k: jnp.ndarray, v: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """k, v [B, T, H, D] -> the decoding-cache layouts of `cached_attention`:
+    keys [B*H, Dk, T], values [B*H, T, Dv]"""
+    batch, length, heads, head_dim = k.shape
+    key = k.transpose(0, 2, 3, 1).reshape(batch * heads, head_dim, length)
+    value = v.transpose(0, 2, 1, 3).reshape(batch * heads, length, v.shape[-1])
+    return key, value
+
+
 def cached_attention(
     q: jnp.ndarray, key_cache: jnp.ndarray, value_cache: jnp.ndarray,
     mask: jnp.ndarray | None = None,
@@ -61,9 +70,8 @@ def cached_attention(
     q: [B, Tq, H, Dk]; key_cache: [B*H, Dk, Tk] (K^T of each (batch, head) pair);
     value_cache: [B*H, Tk, Dv]; mask: bool broadcastable to [B, H, Tq, Tk]  ->  [B, Tq, H, Dv]
 
-    Equals `multi_head_attention(q, k, v, mask)` for
-    key_cache = k.transpose(0, 2, 3, 1).reshape(B*H, Dk, Tk) and
-    value_cache = v.transpose(0, 2, 1, 3).reshape(B*H, Tk, Dv). These are exactly the
+    Equals `multi_head_attention(q, k, v, mask)` for key_cache, value_cache =
+    `cache_layout(k, v)`. These are exactly the
     operands of the two batched matmuls, so a decoding step updates the cache in place and
     reads it as is; with [B, Tk, H, D] (or even [B, H, ...]) caches XLA copies every layer's
     whole cache several times per step.

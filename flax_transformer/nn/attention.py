@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import TransformerConfig
-from ..kernels import cached_attention, multi_head_attention
+from ..kernels import cache_layout, cached_attention, multi_head_attention
 
 
 def glorot(in_axis=0, out_axis=-1, batch_axis=()):
@@ -30,14 +30,6 @@ class KVCache(NamedTuple):
 
     key: jax.Array
     value: jax.Array
-
-
-def _cache_layout(k: jnp.ndarray, v: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """k, v [B, T, H, Dh] -> KVCache layouts: keys [B*H, Dh, T], values [B*H, T, Dh]"""
-    batch, length, heads, head_dim = k.shape
-    key = k.transpose(0, 2, 3, 1).reshape(batch * heads, head_dim, length)
-    value = v.transpose(0, 2, 1, 3).reshape(batch * heads, length, v.shape[-1])
-    return key, value
 
 
 class MultiHeadAttention(nnx.Module):
@@ -141,7 +133,7 @@ class MultiHeadAttention(nnx.Module):
 
     def cross_cache(self, memory: jnp.ndarray) -> KVCache:
         """Keys and values of the encoder memory [B, S, D], projected once per input."""
-        return KVCache(*_cache_layout(*self.key_value(memory)))
+        return KVCache(*cache_layout(*self.key_value(memory)))
 
     def self_attend_step(self, x: jnp.ndarray, position, cache: KVCache
                          ) -> tuple[jnp.ndarray, KVCache]:
@@ -153,7 +145,7 @@ class MultiHeadAttention(nnx.Module):
         """
         # Separate projections: the fused one concatenates the weights, a copy every step.
         q, (k, v) = self.query(x), self.key_value(x)
-        k, v = _cache_layout(k.astype(cache.key.dtype), v.astype(cache.value.dtype))
+        k, v = cache_layout(k.astype(cache.key.dtype), v.astype(cache.value.dtype))
         key = jax.lax.dynamic_update_slice(cache.key, k, (0, 0, position))
         value = jax.lax.dynamic_update_slice(cache.value, v, (0, position, 0))
         seen = jnp.arange(value.shape[1]) <= position
