@@ -155,8 +155,9 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
     test = summary["test"]
     metric = summary["metric_name"]
     report = f"{metric} {test[metric]:.4f}" if metric in test else "no test split"
-    if "per" in test:
-        report += f", per {test['per']:.4f}"
+    for name in ("per", "wer_no_stress", "per_no_stress"):
+        if name in test:
+            report += f", {name} {test[name]:.4f}"
     print(f"done: {summary['steps']} steps in {summary['wall_seconds']:.0f} s; test {report}; "
           f"workdir {workdir}")
     return 0

@@ -12,6 +12,7 @@ from flax_transformer.data.g2p import (
     parse_cmudict_lines,
     phoneme_error_rate,
     split_words,
+    strip_stress,
     word_error_rate,
 )
 
@@ -127,6 +128,24 @@ def test_g2p_score_any_pronunciation_counts(tmp_path):
     wrong = task.tgt_vocab.encode(["T", "AH0", "M", "AA1", "T"], add_eos=True)
     scores = task.score([wrong], [tomato])
     assert scores["wer"] == 1.0 and scores["per"] == pytest.approx(1 / 6)
+
+
+def test_strip_stress():
+    assert strip_stress(("T", "AH0", "M", "EY1", "T", "OW2")) == ("T", "AH", "M", "EY", "T", "OW")
+    assert strip_stress(()) == ()
+
+
+def test_g2p_score_without_stress(tmp_path):
+    task = load_g2p_task(dict_path=write(tmp_path, FIXTURE), fractions=(1.0, 0.0, 0.0))
+    tomato = next(e for e in task.train if len(e.refs) == 2)
+    # one wrong stress (OW2 -> OW0), one wrong phoneme (OW2 -> AH0); both in the vocabulary
+    stress = task.tgt_vocab.encode(["T", "AH0", "M", "AA1", "T", "OW0"], add_eos=True)
+    phoneme = task.tgt_vocab.encode(["T", "AH0", "M", "AA1", "T", "AH0"], add_eos=True)
+    assert task.tgt_vocab.decode(stress)[-1] == "OW0"
+    scores = task.score([stress, phoneme], [tomato, tomato])
+    assert scores["wer"] == 1.0 and scores["per"] == pytest.approx(2 / 12)
+    assert scores["wer_no_stress"] == 0.5
+    assert scores["per_no_stress"] == pytest.approx(1 / 12)
 
 
 def test_load_task_registry_and_restore(tmp_path):

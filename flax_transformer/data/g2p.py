@@ -1,5 +1,9 @@
 """Grapheme-to-phoneme task on CMUdict: letters in, ARPAbet phonemes (with stress digits) out.
 
+Scores: WER and PER on the phonemes as predicted (stress digits kept), and ``wer_no_stress`` /
+``per_no_stress`` with the digits removed from prediction and references alike, the 39-phoneme
+setting most published CMUdict G2P results use.
+
 Split policy: each word goes to train/valid/test by the md5 of the word (default 90/5/5), so no
 word is in two splits and the split depends neither on the seed nor on the dictionary's order.
 Train has one example per pronunciation (a word with two pronunciations gives two examples);
@@ -136,6 +140,11 @@ def phoneme_error_rate(
     return errors / max(length, 1)
 
 
+def strip_stress(phonemes: Sequence[str]) -> tuple[str, ...]:
+    """Phonemes without their stress digits: ``("AH0", "B", "AW1")`` -> ``("AH", "B", "AW")``."""
+    return tuple(p.rstrip("012") for p in phonemes)
+
+
 class G2PTask(Task):
     """Source text is a word (characters); target text is space-separated phonemes."""
 
@@ -146,13 +155,18 @@ class G2PTask(Task):
         return "".join(self.src_vocab.decode(ids))
 
     def score(self, predictions: Sequence[Sequence[int]], examples: Sequence[Example]) -> dict:
-        """WER (the task metric) and PER; each example's refs are its pronunciations."""
+        """WER (the task metric) and PER, with and without stress digits; each example's
+        refs are its pronunciations."""
         check_predictions(predictions, examples)
         decoded = [self.tgt_vocab.decode(p) for p in predictions]
         refs = [e.refs for e in examples]
+        plain = [strip_stress(p) for p in decoded]
+        plain_refs = [[strip_stress(r) for r in rs] for rs in refs]
         return {
             "wer": word_error_rate(decoded, refs),
             "per": phoneme_error_rate(decoded, refs),
+            "wer_no_stress": word_error_rate(plain, plain_refs),
+            "per_no_stress": phoneme_error_rate(plain, plain_refs),
             "num_examples": len(examples),
         }
 

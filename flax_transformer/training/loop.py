@@ -67,7 +67,7 @@ def _say(message: str) -> None:
 
 
 def _format(results: dict[str, float], metric: str | None) -> str:
-    names = dict.fromkeys(["loss", "accuracy", metric, "per"])
+    names = dict.fromkeys(["loss", "accuracy", metric, "per", "wer_no_stress", "per_no_stress"])
     return ", ".join(f"{n} {results[n]:.4f}" for n in names if n and n in results)
 
 
