@@ -35,7 +35,7 @@ from benchmarks.common import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[1]
-IMPLS = ("vmap", "xla", "blockwise", "jax.nn", "torch")
+IMPLS = ("vmap", "xla", "dense", "blockwise", "jax.nn", "torch")
 
 
 # ----------------------------------------------------------------------------- worker side

@@ -33,6 +33,7 @@ from benchmarks import common
 from benchmarks.flops import DATASHEET_PEAK, measured_peak_flops, train_step_flops
 from benchmarks.peer_flax import FlaxPeerTransformer
 from flax_transformer import TransformerConfig
+from flax_transformer.kernels import IMPLEMENTATIONS
 
 CONFIGS = {
     "small": dict(config=dict(d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=3,
@@ -176,7 +177,8 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per framework")
-    parser.add_argument("--attention-impl", default="xla", choices=["vmap", "xla", "blockwise"])
+    parser.add_argument("--attention-impl", default=TransformerConfig.attention_impl,
+                        choices=IMPLEMENTATIONS)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own, = cores)")

@@ -14,7 +14,7 @@ from flax_transformer import (
     Transformer,
     TransformerConfig,
 )
-from flax_transformer.kernels import padding_mask
+from flax_transformer.kernels import IMPLEMENTATIONS, padding_mask
 from tests.conftest import relative_error
 
 TINY = TransformerConfig.preset("tiny")
@@ -80,7 +80,7 @@ def test_layers_and_stacks_shapes(rng, norm):
 
 
 @pytest.mark.parametrize("norm", ["post", "pre"])
-@pytest.mark.parametrize("impl", ["vmap", "xla", "blockwise"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_transformer_forward(rng, norm, impl):
     config = TINY.replace(norm=norm, attention_impl=impl, attention_block_size=4)
     model = Transformer(config, rngs=nnx.Rngs(0))
@@ -96,7 +96,7 @@ def test_transformer_forward(rng, norm, impl):
 def test_implementations_agree_inside_the_model(rng):
     src, tgt = tokens(rng, (2, 6), pad_from=[6, 3]), tokens(rng, (2, 5))
     outs = [Transformer(TINY.replace(attention_impl=impl, attention_block_size=4),
-                        rngs=nnx.Rngs(0))(src, tgt) for impl in ("vmap", "xla", "blockwise")]
+                        rngs=nnx.Rngs(0))(src, tgt) for impl in IMPLEMENTATIONS]
     for out in outs[1:]:
         assert relative_error(out, outs[0]) < 1e-5
 
@@ -111,7 +111,7 @@ def test_future_target_tokens_never_change_earlier_outputs(rng, norm):
         np.testing.assert_allclose(model(src, changed)[:, :t], base[:, :t], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["vmap", "xla", "blockwise"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_padded_source_positions_never_change_any_output(rng, impl):
     model = Transformer(TINY.replace(attention_impl=impl, attention_block_size=4),
                         rngs=nnx.Rngs(0))

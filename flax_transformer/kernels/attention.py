@@ -15,9 +15,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from .dense import dense_attention
 from .masks import causal_mask, check_mask_shape, combine_masks
 
-IMPLEMENTATIONS = ("vmap", "xla", "blockwise")
+IMPLEMENTATIONS = ("vmap", "xla", "dense", "blockwise")
 
 
 def single_head_attention(
@@ -158,9 +159,9 @@ def check_attention_inputs(q, k, v, mask, implementation, dropout_rate, dropout_
                 "implementation='xla' (jax.nn.dot_product_attention) has no attention dropout; "
                 "use implementation='vmap' or set dropout_rate=0"
             )
-        if implementation == "blockwise":
+        if implementation in ("dense", "blockwise"):
             raise ValueError(
-                "implementation='blockwise' has no attention dropout; "
+                f"implementation={implementation!r} has no attention dropout; "
                 "use implementation='vmap' or set dropout_rate=0"
             )
         if dropout_rng is None:
@@ -188,6 +189,8 @@ def multi_head_attention(
     implementation:
       "vmap"      `single_head_attention` vmapped over heads and batch (the reference);
       "xla"       `jax.nn.dot_product_attention` (no attention dropout);
+      "dense"     the full score matrix with a hand-written backward pass (kernels/dense.py),
+                  the fastest for short sequences on CPU (no attention dropout);
       "blockwise" online softmax over query/key blocks, memory O(T) per head; `block_size` is
                   an int b (tiles of b queries x b/2 keys) or a (query, key) pair.
     """
@@ -197,6 +200,8 @@ def multi_head_attention(
             # jax.nn aligns the causal mask top-left; ours aligns it to the end (decoding).
             mask, causal = combine_masks(mask, causal_mask(q.shape[1], k.shape[1])), False
         return _xla(q, k, v, mask, causal)
+    if implementation == "dense":
+        return dense_attention(q, k, v, mask, causal=causal)
     if implementation == "blockwise":
         from .blockwise import blockwise_attention
 
