@@ -42,14 +42,23 @@ def malloc_note(default_malloc: bool) -> str:
 
 
 def _cpu_model() -> str:
+    """The CPU's model name, with its family/model numbers (a virtual machine often reports
+    only "AMD EPYC", which hides the generation) and whether it has AVX-512."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip().lower()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    details = [f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields]
+    if "avx512f" in fields.get("flags", "").split():
+        details.append("AVX-512")
+    return f"{name} ({', '.join(details)})" if details else name
 
 
 def _memory_gb() -> float | None:
