@@ -52,6 +52,23 @@ def test_tiny_model_learns_copy_task():
     assert int(state.step) == steps
 
 
+def test_donating_params_or_not_gives_identical_states():
+    task = load_task("copy", max_examples=64)
+    stream = batch_stream(task.train, 8, seed=0, bucket_lengths=(24,))
+    batches = [batch_arrays(next(stream)) for _ in range(3)]
+    states = {}
+    for donate in (True, False):
+        parts, tx, state = _setup(task, steps=10)
+        train_step = make_train_step(parts, tx, donate_params=donate)
+        for batch in batches:
+            old, (state, _) = state, train_step(state, batch)
+        # The optimizer state is always donated; the parameters only when asked.
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old.opt_state))
+        assert all(leaf.is_deleted() == donate for leaf in jax.tree.leaves(old.params))
+        states[donate] = state
+    assert _leaves_equal(states[True], states[False])
+
+
 def test_checkpoint_round_trip_is_identical(tmp_path):
     task = load_task("copy", max_examples=64)
     parts, tx, state = _setup(task, accumulate_steps=2, steps=10)
