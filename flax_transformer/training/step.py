@@ -55,10 +55,11 @@ def make_train_step(
     The optimizer state (2/3 of the state's memory under Adam) is always donated.
     `donate_params` also donates the parameters; default: on GPU/TPU, not on CPU. XLA:CPU
     cannot order an in-place parameter update after the backward pass's reads of the old
-    value, so it copies the weight matrices first and serialises the step around them: 14-23%
-    of a `base` train step on a 2-core CPU, measured (benchmarks/RESULTS.md). Without it each
-    step allocates fresh parameter buffers (the old ones are freed when the caller drops them).
-    Either way the results are bitwise identical.
+    value, so it copies the weight matrices first and orders the step around them; keeping the
+    parameters made a `base` step 4-25% faster on a 2-core CPU (A/B runs in one process, see
+    benchmarks/RESULTS.md) and changed nothing at smaller sizes. Each step then allocates
+    fresh parameter buffers (the old ones are freed when the caller drops them). Either way
+    the results are bitwise identical.
     """
 
     def loss_fn(params, batch, dropout_key):
