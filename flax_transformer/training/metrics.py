@@ -21,20 +21,27 @@ PLOT_FILE = "curves.png"
 
 
 class MetricsWriter:
-    """Appends records to `workdir/metrics.jsonl` and TensorBoard; `start_step` > 0 (a resumed
-    run) purges TensorBoard events at or after it, written by an interrupted earlier run."""
+    """Appends records to `workdir/metrics.jsonl` and TensorBoard.
+
+    `start_step` > 0 (a resumed run): records after that step, written by an interrupted
+    earlier run past its last checkpoint, are dropped from both, so the resumed run's records
+    replace them instead of repeating their steps.
+    """
 
     def __init__(self, workdir: str | Path, *, start_step: int = 0, tensorboard: bool = True):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.path = self.workdir / METRICS_FILE
+        if start_step > 0 and self.path.is_file():
+            _drop_records_after(self.path, start_step)
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR),
-                                     purge_step=start_step or None, flush_secs=30)
+                                     purge_step=start_step + 1 if start_step else None,
+                                     flush_secs=30)
 
     def write(self, split: str, step: int, values: Mapping[str, Any]) -> dict[str, Any]:
         """Writes the numeric entries of `values` (others are kept in JSONL only)."""
@@ -79,6 +86,22 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def _series(records, split: str, name: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[name]) for r in records if r["split"] == split and name in r]
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrites the JSONL file at `path` without the records whose step is > `step` (lines
+    that are not records are kept as they are)."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            record_step = None
+        if record_step is None or record_step <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def plot_curves(workdir: str | Path, metric_name: str | None = None) -> Path:

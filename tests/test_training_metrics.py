@@ -1,0 +1,35 @@
+import json
+
+from flax_transformer.training.metrics import (
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    MetricsWriter,
+    plot_curves,
+    read_metrics,
+)
+
+
+def test_records_go_to_jsonl_and_tensorboard(tmp_path):
+    with MetricsWriter(tmp_path) as writer:
+        writer.write("train", 10, {"loss": 2.5, "accuracy": 0.5, "note": "kept in JSONL"})
+        writer.write("valid", 10, {"loss": 2.7, "wer": 0.4})
+    records = read_metrics(tmp_path / METRICS_FILE)
+    assert [(r["split"], r["step"]) for r in records] == [("train", 10), ("valid", 10)]
+    assert records[0]["loss"] == 2.5 and records[0]["note"] == "kept in JSONL"
+    assert any((tmp_path / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    assert plot_curves(tmp_path, "wer").stat().st_size > 0
+
+
+def test_resume_drops_records_an_interrupted_run_wrote_after_its_checkpoint(tmp_path):
+    with MetricsWriter(tmp_path) as writer:  # checkpoint at 20, killed after logging 40
+        for step in (10, 20, 30, 40):
+            writer.write("train", step, {"loss": 1.0 / step})
+        writer.write("valid", 20, {"loss": 0.5})
+    with open(tmp_path / METRICS_FILE, "a") as f:
+        f.write("not a record\n")
+    with MetricsWriter(tmp_path, start_step=20) as writer:  # resumed with log_every 15
+        writer.write("train", 35, {"loss": 0.03})
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    assert "not a record" in lines
+    steps = [json.loads(line)["step"] for line in lines if line != "not a record"]
+    assert steps == [10, 20, 20, 35]
