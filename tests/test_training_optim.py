@@ -1,6 +1,7 @@
 """Schedules at chosen steps, the optimizer chain (clipping, accumulation), config checks."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,30 @@ def test_cosine_schedule_values():
     np.testing.assert_allclose(float(schedule(59)), middle, rtol=1e-5)  # half-way down
     np.testing.assert_allclose(float(schedule(109)), 1e-4, rtol=1e-5)  # the floor at the end
     np.testing.assert_allclose(float(schedule(500)), 1e-4, rtol=1e-5)
+
+
+def test_cosine_cycles_repeat_the_single_cycle_schedule():
+    one = make_schedule(TrainingConfig(lr_schedule="cosine", learning_rate=1e-3, warmup_steps=10,
+                                       steps=100, min_lr_ratio=0.1), d_model=64)
+    two = make_schedule(TrainingConfig(lr_schedule="cosine", learning_rate=1e-3, warmup_steps=10,
+                                       steps=200, min_lr_ratio=0.1, lr_cycles=2), d_model=64)
+    counts = np.arange(100)
+    first = np.asarray(jax.vmap(one)(counts))
+    # Bitwise: continuing a finished one-cycle run with a second cycle equals a two-cycle plan.
+    np.testing.assert_array_equal(np.asarray(jax.vmap(two)(counts)), first)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(two)(counts + 100)), first)
+    np.testing.assert_allclose(float(two(100)), 1e-4, rtol=1e-6)  # restart: warmup step 1
+    np.testing.assert_allclose(float(two(199)), 1e-4, rtol=1e-5)  # the floor at the end
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(lr_schedule="rsqrt", lr_cycles=2), "lr_cycles=2 needs lr_schedule='cosine'"),
+    (dict(lr_schedule="cosine", steps=101, lr_cycles=2), "lr_cycles=2 must divide"),
+    (dict(lr_schedule="cosine", lr_cycles=0), "lr_cycles must be a positive integer"),
+])
+def test_bad_lr_cycles_are_refused(overrides, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        TrainingConfig(**overrides)
 
 
 def test_rsqrt_and_constant_schedules():

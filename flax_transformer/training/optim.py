@@ -46,11 +46,22 @@ def rsqrt_schedule(peak: float, warmup_steps: int) -> Schedule:
 
 
 def cosine_schedule(peak: float, warmup_steps: int, total_steps: int,
-                    min_ratio: float = 0.0) -> Schedule:
-    """Linear warmup to `peak`, then a half cosine down to `peak * min_ratio` at total_steps."""
-    decay_steps = max(total_steps - warmup_steps, 1)
+                    min_ratio: float = 0.0, cycles: int = 1) -> Schedule:
+    """Linear warmup to `peak`, then a half cosine down to `peak * min_ratio` at total_steps.
+
+    With `cycles > 1` the updates split into that many equal cycles, each a copy of the
+    warmup + cosine (warm restarts, Loshchilov & Hutter 2017): the first cycle of a run with
+    total_steps = k * n and cycles = k is exactly the single-cycle schedule over n steps.
+    """
+    if cycles < 1 or total_steps % cycles:
+        raise ValueError(f"{total_steps} updates do not split into {cycles} equal cosine "
+                         "cycles; make steps a multiple of lr_cycles")
+    cycle_steps = total_steps // cycles
+    decay_steps = max(cycle_steps - warmup_steps, 1)
 
     def schedule(count):
+        if cycles > 1:
+            count = jnp.asarray(count) % cycle_steps
         step = jnp.asarray(count, jnp.float32) + 1.0
         progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
         cosine = min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
@@ -77,7 +88,7 @@ def make_schedule(config: TrainingConfig, d_model: int) -> Schedule:
         return rsqrt_schedule(config.learning_rate, config.warmup_steps)
     if name == "cosine":
         return cosine_schedule(config.learning_rate, config.warmup_steps, config.num_updates,
-                               config.min_lr_ratio)
+                               config.min_lr_ratio, config.lr_cycles)
     if name == "constant":
         return constant_schedule(config.learning_rate, config.warmup_steps)
     raise ValueError(f"lr_schedule={name!r} is not known")
