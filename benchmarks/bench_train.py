@@ -2,12 +2,17 @@
 vs PyTorch `nn.Transformer`, interleaved in one process.
 
     python -m benchmarks.bench_train [--configs small base] [--steps 10] [--repeats 5]
+                                     [--dtype auto|float32|bfloat16]
 
 Tokens/s counts source + target tokens. MFU = model FLOPs/s (benchmarks/flops.py) divided by
 the peak of a large matmul measured in the same run (and the datasheet peak when known).
 Torch runs in a child process after the interleaved JAX runs (its OpenMP threads stall
 beside an active XLA thread pool); on GPU/TPU it is skipped. All three use AdamW (b2=0.98),
 dropout 0.1, label-smoothed (0.1) cross-entropy, random tokens.
+
+Compute dtype: `--dtype auto` is bfloat16 on GPU/TPU and float32 on CPU; `--dtype bfloat16`
+on a CPU runs all three with float32 parameters and bf16 compute (torch under
+`torch.autocast`), and the peak is then a bf16 x bf16 -> float32 matmul (AVX512-BF16/AMX).
 """
 
 from __future__ import annotations
@@ -134,11 +139,17 @@ def time_steps(run, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def compute_dtype(requested: str) -> str:
+    """--dtype auto: bfloat16 on GPU/TPU, float32 on CPU; otherwise the dtype asked for."""
+    if requested != "auto":
+        return requested
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def bench_config(name: str, spec: dict, args, peak: float, datasheet: float | None):
     on_accelerator = jax.default_backend() != "cpu"
     config = TransformerConfig.preset("base", **spec["config"], dropout_rate=0.1,
-                                      max_len=spec["length"],
-                                      dtype="bfloat16" if on_accelerator else "float32",
+                                      max_len=spec["length"], dtype=compute_dtype(args.dtype),
                                       attention_impl=args.attention_impl)
     batch, length = spec["batch"], spec["length"]
     rng = np.random.default_rng(0)
@@ -179,6 +190,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per framework")
     parser.add_argument("--attention-impl", default=TransformerConfig.attention_impl,
                         choices=IMPLEMENTATIONS)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="compute dtype of every framework (auto: bfloat16 on GPU/TPU, "
+                             "float32 on CPU); parameters stay float32")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own, = cores)")
@@ -187,7 +201,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.child_env = common.configure_malloc(args.default_malloc)
 
-    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    dtype = jnp.dtype(compute_dtype(args.dtype))
     peak = measured_peak_flops(dtype)
     device_kind = jax.devices()[0].device_kind
     datasheet = DATASHEET_PEAK.get((device_kind, jnp.dtype(dtype).name))
@@ -197,6 +211,9 @@ def main(argv=None) -> None:
     header = ["config", "framework", "params", "ms/step", "tokens/s", "MFU (measured peak)",
               "MFU (datasheet)", "vs fastest peer"]
     table = common.markdown_table(header, rows)
+    backend = jax.default_backend()
+    default = dtype == jnp.dtype(compute_dtype("auto"))  # its own section otherwise
+    section = f"bench_train ({backend})" if default else f"bench_train ({backend}, {dtype.name})"
     body = (f"{common.describe_machine()}\n\nCommand: `python -m benchmarks.bench_train "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`; "
             f"{common.malloc_note(args.default_malloc)}\n\n"
@@ -205,7 +222,7 @@ def main(argv=None) -> None:
             f"\n\n{table}\n")
     print(body)
     if not args.no_write:
-        common.write_results_section(f"bench_train ({jax.default_backend()})", body)
+        common.write_results_section(section, body)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,15 @@ def train_step_flops(c: TransformerConfig, batch: int, src_len: int, tgt_len: in
 
 
 def measured_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 10) -> float:
-    """Best FLOP/s of an [n, n] x [n, n] matmul on the default device (the achievable peak)."""
+    """Best FLOP/s of an [n, n] x [n, n] matmul on the default device (the achievable peak).
+
+    Sums are float32 for every dtype, as in the models' projections (`kernels.project`): a
+    bf16 matmul with a bf16 result would measure XLA:CPU's emulated path, not the hardware.
+    """
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    matmul = jax.jit(lambda a, b: a @ b)
+    accumulate = jnp.promote_types(dtype, jnp.float32)
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=accumulate))
     matmul(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):

@@ -52,9 +52,14 @@ def build_torch_step(c: TransformerConfig, batch: int, src_len: int, tgt_len: in
     src = torch.from_numpy(rng.integers(4, c.src_vocab_size, (batch, src_len)))
     tgt = torch.from_numpy(rng.integers(4, c.tgt_vocab_size, (batch, tgt_len + 1)))
 
+    low_precision = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(c.dtype)
+
     def step():
         optimizer.zero_grad(set_to_none=True)
-        logits = model(src, tgt[:, :-1])
+        # float32 parameters, low-precision matmuls: torch's mixed precision, like dtype=bf16
+        with torch.autocast("cpu", dtype=low_precision, enabled=low_precision is not None):
+            logits = model(src, tgt[:, :-1])
+        logits = logits.float()
         loss = loss_fn(logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1))
         loss.backward()
         optimizer.step()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from benchmarks.flops import forward_flops, train_step_flops
+from benchmarks.bench_train import compute_dtype
+from benchmarks.flops import forward_flops, measured_peak_flops, train_step_flops
 from benchmarks.peer_flax import FlaxPeerTransformer
 from flax_transformer import Transformer, TransformerConfig
 
@@ -35,6 +36,24 @@ def test_torch_peer_has_our_parameter_count():
     # nn.Transformer adds a final LayerNorm to each stack (2 x 2 x d_model parameters).
     assert count == n_params(ours) + 4 * TINY.d_model
     assert np.isfinite(step())
+
+
+def test_torch_peer_runs_bf16_under_autocast():
+    torch = pytest.importorskip("torch")
+    from benchmarks.peer_torch import build_torch_step
+
+    step, _ = build_torch_step(TINY.replace(dtype="bfloat16"), batch=2, src_len=5, tgt_len=4)
+    assert np.isfinite(step())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the autocast the peer relies on
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_compute_dtype_and_peak_per_dtype():
+    assert compute_dtype("bfloat16") == "bfloat16"
+    assert compute_dtype("float32") == "float32"
+    assert compute_dtype("auto") == ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    for dtype in (jnp.float32, jnp.bfloat16):
+        assert measured_peak_flops(dtype, n=64, repeats=2) > 0
 
 
 def test_forward_flops_by_hand():

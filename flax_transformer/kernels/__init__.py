@@ -1,4 +1,5 @@
-"""Pure JAX kernels (no Flax): attention, feed-forward, masks, positional encodings."""
+"""Pure JAX kernels (no Flax): attention, projections, feed-forward, masks, positional
+encodings."""
 
 from .attention import (
     IMPLEMENTATIONS,
@@ -12,6 +13,7 @@ from .dropout import dropout
 from .feed_forward import ACTIVATIONS, feed_forward, get_activation
 from .layer_norm import layer_norm
 from .masks import causal_mask, combine_masks, padding_mask
+from .matmul import project
 from .positional import sinusoidal_positions
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "layer_norm",
     "multi_head_attention",
     "padding_mask",
+    "project",
     "single_head_attention",
     "softmax_cross_entropy",
     "sinusoidal_positions",

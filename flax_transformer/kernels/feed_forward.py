@@ -7,6 +7,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from .matmul import project
+
 ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -43,11 +45,11 @@ def feed_forward(
         raise ValueError(
             f"feed_forward: shapes do not chain: x {x.shape}, w1 {w1.shape}, w2 {w2.shape}"
         )
-    h = x @ w1
+    h = project(x, w1)
     if b1 is not None:
         h = h + b1
     h = act(h)
-    y = h @ w2
+    y = project(h, w2)
     if b2 is not None:
         y = y + b2
     return y

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import TransformerConfig
-from ..kernels import cache_layout, cached_attention, multi_head_attention
+from ..kernels import cache_layout, cached_attention, multi_head_attention, project
 
 
 def glorot(in_axis=0, out_axis=-1, batch_axis=()):
@@ -63,13 +63,12 @@ class MultiHeadAttention(nnx.Module):
 
     def query(self, x: jnp.ndarray) -> jnp.ndarray:
         """Q W^Q for all heads: x [B, Tq, D] -> [B, Tq, H, Dh]"""
-        q = x.astype(self.dtype) @ self.query_kernel[...].astype(self.dtype)
+        q = project(x.astype(self.dtype), self.query_kernel[...].astype(self.dtype))
         return self._split_heads(q + self.query_bias[...].astype(self.dtype))
 
     def key_value(self, context: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """K W^K and V W^V for all heads: context [B, Tk, D] -> two [B, Tk, H, Dh]"""
-        kv = jnp.einsum("btd,dse->btse", context.astype(self.dtype),
-                        self.key_value_kernel[...].astype(self.dtype))
+        kv = project(context.astype(self.dtype), self.key_value_kernel[...].astype(self.dtype))
         kv = kv + self.key_value_bias[...].astype(self.dtype)
         return self._split_heads(kv[:, :, 0]), self._split_heads(kv[:, :, 1])
 
@@ -77,7 +76,7 @@ class MultiHeadAttention(nnx.Module):
         """Fused self-attention projections: x [B, T, D] -> q, k, v each [B, T, H, Dh]"""
         w = jnp.concatenate([self.query_kernel[...][:, None], self.key_value_kernel[...]], axis=1)
         b = jnp.concatenate([self.query_bias[...][None], self.key_value_bias[...]], axis=0)
-        qkv = jnp.einsum("btd,dse->btse", x.astype(self.dtype), w.astype(self.dtype))
+        qkv = project(x.astype(self.dtype), w.astype(self.dtype))
         qkv = qkv + b.astype(self.dtype)
         return tuple(self._split_heads(qkv[:, :, i]) for i in range(3))
 
@@ -97,7 +96,7 @@ class MultiHeadAttention(nnx.Module):
     def _output(self, heads: jnp.ndarray) -> jnp.ndarray:
         """Concat(head_1, ..., head_H) W^O: heads [B, T, H, Dh] -> [B, T, D]"""
         concat = heads.reshape(*heads.shape[:2], -1)
-        out = concat @ self.output_kernel[...].astype(self.dtype)
+        out = project(concat, self.output_kernel[...].astype(self.dtype))
         return out + self.output_bias[...].astype(self.dtype)
 
     def __call__(

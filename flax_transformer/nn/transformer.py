@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from ..config import TransformerConfig
-from ..kernels import padding_mask, sinusoidal_positions
+from ..kernels import padding_mask, project, sinusoidal_positions
 from .layers import Decoder, DecoderLayerCache, Dropout, Encoder
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -105,7 +105,12 @@ class Transformer(nnx.Module):
 
     def logits(self, y: jnp.ndarray) -> jnp.ndarray:
         """Pre-softmax projection of decoder states [B, T, D] -> [B, T, V] in float32."""
-        out = self.target_embedding.attend(y) if self.output is None else self.output(y)
+        y = y.astype(self.dtype)
+        if self.output is None:  # tied: y E^T with the target embedding E [V, D]
+            out = project(y, self.target_embedding.embedding[...].astype(self.dtype).T)
+        else:
+            out = project(y, self.output.kernel[...].astype(self.dtype))
+            out = out + self.output.bias[...].astype(self.dtype)
         return out.astype(jnp.float32)
 
     def encode(self, src: jnp.ndarray) -> jnp.ndarray:

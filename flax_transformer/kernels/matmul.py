@@ -1,0 +1,64 @@
+"""`project`: x @ w for the model's projections, accumulating low-precision inputs in float32.
+
+For float32 (or float64) inputs `project` is exactly `x @ w`. For bfloat16 and float16 inputs
+every product is accumulated in float32 and rounded once to the input dtype, forward and
+backward (a `jax.custom_vjp`: the incoming gradient is rounded to the compute dtype, so all
+three matmuls of a training step take low-precision operands). That is what GPUs and TPUs do
+inside a bf16 matmul anyway; on CPUs with bf16 dot-product instructions (AVX512-BF16, AMX),
+XLA only uses them for dots whose output is float32, so a plain bf16 `x @ w` runs as an
+emulated float32 matmul and is no faster than float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _accumulates_in_float32(dtype) -> bool:
+    return jnp.dtype(dtype).itemsize < 4 and jnp.issubdtype(dtype, jnp.floating)
+
+
+def _dot(a: jnp.ndarray, b: jnp.ndarray, contract: tuple[int, int], out_dtype) -> jnp.ndarray:
+    """a . b over a's axis contract[0] and b's axis contract[1], float32 sums, out_dtype."""
+    dims = (((contract[0] % a.ndim,), (contract[1] % b.ndim,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+@jax.custom_vjp
+def _project_low_precision(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    return _dot(x, w, (-1, 0), x.dtype)
+
+
+def _project_fwd(x, w):
+    return _dot(x, w, (-1, 0), x.dtype), (x, w)
+
+
+def _project_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = _dot(g, w, (-1, 1), x.dtype)  # g [..., F] . w [D, F] over F -> [..., D]
+    rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dw = _dot(rows_x, rows_g, (0, 0), w.dtype)  # over every position -> [D, F]
+    return dx, dw
+
+
+_project_low_precision.defvjp(_project_fwd, _project_bwd)
+
+
+def project(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """x [..., D] @ w [D, F] -> [..., F] in x.dtype (float32 accumulation for bf16/f16).
+
+    w may have more trailing axes, w [D, *F]: the result is then [..., *F].
+    """
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"project: x {x.shape} and w {w.shape} do not chain (last axis of x "
+                         "must equal the first axis of w)")
+    if x.dtype != w.dtype:
+        raise ValueError(f"project: x is {x.dtype} but w is {w.dtype}; cast both to the "
+                         "compute dtype")
+    if not _accumulates_in_float32(x.dtype):
+        return jnp.tensordot(x, w, axes=1)
+    y = _project_low_precision(x, w.reshape(w.shape[0], -1))
+    return y.reshape(*x.shape[:-1], *w.shape[1:])
