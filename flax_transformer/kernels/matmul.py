@@ -32,7 +32,7 @@ def _project_low_precision(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
 
 
 def _project_fwd(x, w):
-    return _dot(x, w, (-1, 0), x.dtype), (x, w)
+    return _project_low_precision(x, w), (x, w)
 
 
 def _project_bwd(residuals, g):
@@ -48,16 +48,16 @@ _project_low_precision.defvjp(_project_fwd, _project_bwd)
 
 
 def project(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """x [..., D] @ w [D, F] -> [..., F] in x.dtype (float32 accumulation for bf16/f16).
+    """x [..., D] @ w [D, F] -> [..., F] (float32 accumulation for bf16/f16).
 
-    w may have more trailing axes, w [D, *F]: the result is then [..., *F].
+    w may have more trailing axes, w [D, *F]: the result is then [..., *F]. Inputs of
+    different dtypes are promoted first, as by `x @ w`.
     """
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"project: x {x.shape} and w {w.shape} do not chain (last axis of x "
                          "must equal the first axis of w)")
-    if x.dtype != w.dtype:
-        raise ValueError(f"project: x is {x.dtype} but w is {w.dtype}; cast both to the "
-                         "compute dtype")
+    dtype = jnp.result_type(x, w)  # mixed inputs promote as `x @ w` would
+    x, w = x.astype(dtype), w.astype(dtype)
     if not _accumulates_in_float32(x.dtype):
         return jnp.tensordot(x, w, axes=1)
     y = _project_low_precision(x, w.reshape(w.shape[0], -1))
