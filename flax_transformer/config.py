@@ -38,7 +38,8 @@ class TransformerConfig(ConfigMethods):
 
     norm: "post" is the paper's Add&Norm, LayerNorm(x + Sublayer(x)); "pre" is
         x + Sublayer(LayerNorm(x)) with a final LayerNorm after each stack.
-    dtype: compute dtype ("bfloat16" on GPU/TPU); param_dtype: storage dtype of parameters.
+    dtype: compute dtype ("bfloat16" on GPU/TPU and AVX512-BF16 CPUs); param_dtype: storage
+        dtype of parameters.
     attention_impl: "dense" (the default: full score matrix, hand-written backward pass, the
         fastest for short sequences), "vmap" (the reference), "xla"
         (jax.nn.dot_product_attention) or "blockwise" (memory O(T), for long sequences).
