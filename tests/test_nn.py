@@ -138,6 +138,20 @@ def test_bfloat16_compute_float32_params_stays_close(rng):
     assert relative_error(out, f32(src, tgt)) < 5e-2
 
 
+def test_bfloat16_compute_gradients_stay_close_to_float32(rng):
+    src, tgt = tokens(rng, (2, 6)), tokens(rng, (2, 5))
+    grads = {}
+    for dtype in ("float32", "bfloat16"):
+        model = Transformer(TINY.replace(dtype=dtype), rngs=nnx.Rngs(0))
+        grad = nnx.grad(lambda m: jnp.mean(m(src, tgt) ** 2))(model)  # noqa: B023
+        grads[dtype] = jax.tree.leaves(nnx.state(grad, nnx.Param))
+    for f32, bf16 in zip(grads["float32"], grads["bfloat16"]):
+        assert bf16.dtype == jnp.float32
+        assert relative_error(bf16, f32) < 0.15  # small leaves: a few bf16 roundings deep
+    flat = lambda leaves: np.concatenate([np.ravel(x) for x in leaves])  # noqa: E731
+    assert relative_error(flat(grads["bfloat16"]), flat(grads["float32"])) < 5e-2
+
+
 def test_dropout_train_and_eval_modes(rng):
     model = Transformer(TINY.replace(dropout_rate=0.3, attention_dropout_rate=0.2,
                                      attention_impl="vmap"), rngs=nnx.Rngs(0))
