@@ -39,13 +39,11 @@ def test_torch_peer_has_our_parameter_count():
 
 
 def test_torch_peer_runs_bf16_under_autocast():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from benchmarks.peer_torch import build_torch_step
 
     step, _ = build_torch_step(TINY.replace(dtype="bfloat16"), batch=2, src_len=5, tgt_len=4)
     assert np.isfinite(step())
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the autocast the peer relies on
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
 
 
 def test_compute_dtype_and_peak_per_dtype():
