@@ -1,12 +1,14 @@
 """`project`: exact x @ w in float32/float64, float32-accumulated in bfloat16/float16."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import relative_error
 
-from flax_transformer.kernels import project
+from flax_transformer.kernels import matmul, project
 
 
 def inputs(rng, x_shape, w_shape, dtype):
@@ -20,6 +22,18 @@ def reference(x, w):
     return np.tensordot(np.asarray(x, np.float64), np.asarray(w, np.float64), axes=1)
 
 
+def dot_generals(jaxpr):
+    """Every dot_general equation of `jaxpr`, inner jaxprs (pjit, custom_vjp, cond) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, tuple) else (param,):
+                inner = getattr(inner, "jaxpr", None)
+                if inner is not None:
+                    yield from dot_generals(getattr(inner, "jaxpr", inner))
+
+
 @pytest.mark.parametrize("w_shape", [(16, 24), (16, 3, 8)])
 def test_float32_is_exactly_the_plain_product(rng, w_shape):
     x, w = inputs(rng, (2, 5, 16), w_shape, jnp.float32)
@@ -28,6 +42,20 @@ def test_float32_is_exactly_the_plain_product(rng, w_shape):
     plain = jax.grad(lambda x, w: jnp.sum(jnp.sin(jnp.tensordot(x, w, axes=1))), (0, 1))(x, w)
     for a, b in zip(grads, plain):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_forward_and_backward_are_2d_matmuls(rng, dtype):
+    """x [B, T, D] @ w [D, H, Dh] runs as rows [B*T, D] @ [D, H*Dh], so autodiff's backward
+    is made of 2-D matmuls too (a tensordot's backward contracts pairs of axes, which XLA:CPU
+    relays out at a cost of ~10% of a float32 train step)."""
+    x, w = inputs(rng, (2, 5, 16), (16, 3, 8), dtype)
+    loss = lambda x, w: jnp.sum(project(x, w).astype(jnp.float32) ** 2)  # noqa: E731
+    jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w)
+    found = list(dot_generals(jaxpr.jaxpr))
+    assert len(found) >= 3
+    for eqn in found:
+        assert [v.aval.ndim for v in eqn.invars] == [2, 2]
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -94,18 +122,40 @@ def test_every_training_matmul_takes_bf16_operands_and_sums_in_float32(rng):
     x, w = inputs(rng, (2, 3, 16), (16, 8), jnp.bfloat16)
     loss = lambda x, w: jnp.sum(project(x, w).astype(jnp.float32) ** 2)  # noqa: E731
     jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w)
-
-    def dots(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                yield eqn
-            for param in eqn.params.values():  # inner jaxprs (pjit, custom_vjp_call)
-                inner = getattr(param, "jaxpr", None)
-                if inner is not None:
-                    yield from dots(getattr(inner, "jaxpr", inner))
-
-    found = list(dots(jaxpr.jaxpr))
-    assert len(found) == 3
+    found = list(dot_generals(jaxpr.jaxpr))
+    assert len(found) == 4  # forward, dx, and dw in its CPU and its default form
     for eqn in found:
         assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16]
         assert eqn.outvars[0].aval.dtype == jnp.float32
+
+
+def test_cpu_and_default_weight_gradients_agree(rng):
+    """The two forms of x^T g behind `lax.platform_dependent` (only one runs per backend)."""
+    x, g = inputs(rng, (24, 16), (24, 8), jnp.bfloat16)
+    cpu = matmul._weight_grad_cpu(x, g, jnp.float32)
+    default = matmul._weight_grad(x, g, jnp.float32)
+    exact = np.asarray(x, np.float64).T @ np.asarray(g, np.float64)
+    assert cpu.shape == default.shape == (16, 8)
+    np.testing.assert_allclose(cpu, exact, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(default, exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's bf16 dot kernels")
+def test_compiled_cpu_dots_read_bf16_operands(rng):
+    """XLA:CPU upcasts a bf16 dot it has no bf16 kernel for (e.g. x^T g contracting the
+    first axis of both) to a float32 dot; in the compiled forward and backward every dot
+    must still read bf16 operands."""
+    x, w = inputs(rng, (4, 32, 64), (64, 96), jnp.bfloat16)
+    g = jnp.ones((4, 32, 96), jnp.bfloat16)
+
+    def forward_backward(x, w, g):
+        out, vjp = jax.vjp(project, x, w)
+        return out, *vjp(g)
+
+    hlo = jax.jit(forward_backward).lower(x, w, g).compile().as_text()
+    dot_operands = []
+    for computation in hlo.split("\n\n"):  # a dot's operands are its computation's parameters
+        if " dot(" in computation:
+            dot_operands += re.findall(r"= (\w+)\[[\d,]*\]\S* parameter\(", computation)
+    assert len(dot_operands) == 6, hlo  # forward, dx, dw: two operands each
+    assert set(dot_operands) == {"bf16"}

@@ -1,15 +1,18 @@
 """`project`: x @ w for the model's projections, accumulating low-precision inputs in float32.
 
-For float32 (or float64) inputs `project` is exactly `x @ w`. For bfloat16 and float16 inputs
+For float32 (or float64) inputs `project` is exactly `x @ w`, computed as one 2-D matmul. For bfloat16 and float16 inputs
 every product is accumulated in float32 and rounded once to the input dtype, forward and
 backward (a `jax.custom_vjp`: the incoming gradient is rounded to the compute dtype, so all
 three matmuls of a training step take low-precision operands). That is what GPUs and TPUs do
 inside a bf16 matmul anyway; on CPUs with bf16 dot-product instructions (AVX512-BF16, AMX),
 XLA only uses them for dots whose output is float32, so a plain bf16 `x @ w` runs as an
-emulated float32 matmul and is no faster than float32.
+emulated float32 matmul and is no faster than float32. On CPU the weight gradient x^T g is
+also laid out for those kernels (see `_weight_grad_cpu`).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +43,27 @@ def _project_bwd(residuals, g):
     g = g.astype(x.dtype)
     dx = _dot(g, w, (-1, 1), x.dtype)  # g [..., F] . w [D, F] over F -> [..., D]
     rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dw = _dot(rows_x, rows_g, (0, 0), w.dtype)  # over every position -> [D, F]
+    dw = lax.platform_dependent(rows_x, rows_g, cpu=partial(_weight_grad_cpu, dtype=w.dtype),
+                                default=partial(_weight_grad, dtype=w.dtype))
     return dx, dw
+
+
+def _weight_grad(rows_x, rows_g, dtype):
+    """x [N, D], g [N, F] -> x^T g [D, F]: contracts the first axis of both."""
+    return _dot(rows_x, rows_g, (0, 0), dtype)
+
+
+def _weight_grad_cpu(rows_x, rows_g, dtype):
+    """`_weight_grad` with x^T materialised for XLA:CPU's bf16 matmul kernels.
+
+    XLA:CPU gives a bf16 dot to its bf16 kernels only when both operands contract their last
+    axis or the lhs its last and the rhs its first, in row-major memory; x^T g does not, so it
+    would run as an upcast float32 matmul (about half as fast on AVX512-BF16). A plain x.T is
+    folded back into the dot (or given a column-major layout), so x^T is concatenated with a
+    zero row, a real copy XLA keeps; the matching output row is dropped.
+    """
+    padded = jnp.concatenate([rows_x.T, jnp.zeros((1, rows_x.shape[0]), rows_x.dtype)])
+    return _dot(padded, rows_g, (1, 0), dtype)[:-1]
 
 
 _project_low_precision.defvjp(_project_fwd, _project_bwd)
@@ -58,7 +80,12 @@ def project(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
                          "must equal the first axis of w)")
     dtype = jnp.result_type(x, w)  # mixed inputs promote as `x @ w` would
     x, w = x.astype(dtype), w.astype(dtype)
-    if not _accumulates_in_float32(x.dtype):
-        return jnp.tensordot(x, w, axes=1)
-    y = _project_low_precision(x, w.reshape(w.shape[0], -1))
+    # As one 2-D matmul, rows [N, D] @ w [D, F]: its autodiff backward is then two plain
+    # 2-D matmuls; a tensordot over [B, T, D] and [D, H, Dh] contracts pairs of axes in the
+    # backward pass, and XLA:CPU spends ~10% of a float32 train step relaying those out.
+    rows, w2d = x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1)
+    if _accumulates_in_float32(x.dtype):
+        y = _project_low_precision(rows, w2d)
+    else:
+        y = rows @ w2d
     return y.reshape(*x.shape[:-1], *w.shape[1:])
