@@ -1,13 +1,13 @@
 """`project`: x @ w for the model's projections, accumulating low-precision inputs in float32.
 
-For float32 (or float64) inputs `project` is exactly `x @ w`, computed as one 2-D matmul. For bfloat16 and float16 inputs
-every product is accumulated in float32 and rounded once to the input dtype, forward and
-backward (a `jax.custom_vjp`: the incoming gradient is rounded to the compute dtype, so all
-three matmuls of a training step take low-precision operands). That is what GPUs and TPUs do
-inside a bf16 matmul anyway; on CPUs with bf16 dot-product instructions (AVX512-BF16, AMX),
-XLA only uses them for dots whose output is float32, so a plain bf16 `x @ w` runs as an
-emulated float32 matmul and is no faster than float32. On CPU the weight gradient x^T g is
-also laid out for those kernels (see `_weight_grad_cpu`).
+For float32 (or float64) inputs `project` is exactly `x @ w`, computed as one 2-D matmul. For
+bfloat16 and float16 inputs every product is accumulated in float32 and rounded once to the
+input dtype, forward and backward (a `jax.custom_vjp`: the incoming gradient is rounded to the
+compute dtype, so all three matmuls of a training step take low-precision operands). That is
+what GPUs and TPUs do inside a bf16 matmul anyway; on CPUs with bf16 dot-product instructions
+(AVX512-BF16, AMX), XLA only uses them for dots whose output is float32, so a plain bf16
+`x @ w` runs as an emulated float32 matmul and is no faster than float32. On CPU the weight
+gradient x^T g is also laid out for those kernels (see `_weight_grad_cpu`).
 """
 
 from __future__ import annotations
