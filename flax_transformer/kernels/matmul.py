@@ -31,7 +31,8 @@ def _dot(a: jnp.ndarray, b: jnp.ndarray, contract: tuple[int, int], out_dtype) -
 
 @jax.custom_vjp
 def _project_low_precision(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    return _dot(x, w, (-1, 0), x.dtype)
+    """rows x [N, D] @ w [D, F] -> [N, F], float32 sums rounded once to x.dtype"""
+    return _dot(x, w, (1, 0), x.dtype)
 
 
 def _project_fwd(x, w):
@@ -41,9 +42,8 @@ def _project_fwd(x, w):
 def _project_bwd(residuals, g):
     x, w = residuals
     g = g.astype(x.dtype)
-    dx = _dot(g, w, (-1, 1), x.dtype)  # g [..., F] . w [D, F] over F -> [..., D]
-    rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dw = lax.platform_dependent(rows_x, rows_g, cpu=partial(_weight_grad_cpu, dtype=w.dtype),
+    dx = _dot(g, w, (1, 1), x.dtype)  # g [N, F] . w [D, F] over F -> [N, D]
+    dw = lax.platform_dependent(x, g, cpu=partial(_weight_grad_cpu, dtype=w.dtype),
                                 default=partial(_weight_grad, dtype=w.dtype))
     return dx, dw
 
@@ -82,7 +82,7 @@ def project(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     x, w = x.astype(dtype), w.astype(dtype)
     # As one 2-D matmul, rows [N, D] @ w [D, F]: its autodiff backward is then two plain
     # 2-D matmuls; a tensordot over [B, T, D] and [D, H, Dh] contracts pairs of axes in the
-    # backward pass, and XLA:CPU spends ~10% of a float32 train step relaying those out.
+    # backward pass, which XLA:CPU relays out (3-7% of a float32 train step, RESULTS.md).
     rows, w2d = x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1)
     if _accumulates_in_float32(x.dtype):
         y = _project_low_precision(rows, w2d)
