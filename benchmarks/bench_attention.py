@@ -7,8 +7,10 @@ Each (implementation, length, causal) runs in a fresh subprocess so that its pea
 read: peak RSS (getrusage ru_maxrss) on CPU, `peak_bytes_in_use` of the device on GPU/TPU.
 A run that exceeds --mem-limit-gb or --timeout is reported as OOM / timeout and longer lengths of
 that implementation are skipped. Times: jit compile excluded, median of --repeats calls.
-float32 on CPU, bfloat16 on accelerators. Prints a markdown table, saves a log-log plot and
-rewrites this program's own section of benchmarks/RESULTS.md.
+float32 on CPU, bfloat16 on accelerators. Peers: `jax.nn.dot_product_attention` (its default,
+XLA), on a GPU also its cuDNN fused kernel (`cudnn`: implementation="cudnn"), and PyTorch's
+`scaled_dot_product_attention` (`torch`; fused flash kernels on CPU and CUDA). Prints a markdown
+table, saves a log-log plot and rewrites this program's own section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from benchmarks.common import (  # noqa: E402
     cpu_count,
+    describe_jax,
     describe_machine,
     markdown_table,
     time_fn,
@@ -35,16 +38,18 @@ from benchmarks.common import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[1]
-IMPLS = ("vmap", "xla", "dense", "blockwise", "jax.nn", "torch")
+IMPLS = ("vmap", "xla", "dense", "blockwise", "jax.nn", "cudnn", "torch")
+GPU_ONLY = {"cudnn"}  # elsewhere such a case reports "n/a" and is left out of the table
 
 
 # ----------------------------------------------------------------------------- worker side
 def _jax_case(impl, q, k, v, causal, block_size):
     import jax
 
-    if impl == "jax.nn":
+    if impl in ("jax.nn", "cudnn"):
         def attend(q, k, v):
-            return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+            return jax.nn.dot_product_attention(
+                q, k, v, is_causal=causal, implementation="cudnn" if impl == "cudnn" else None)
     else:
         from flax_transformer.kernels import multi_head_attention
 
@@ -112,6 +117,8 @@ def run_worker(spec: dict) -> dict:
         import jax.numpy as jnp
 
         backend = jax.default_backend()
+        if spec["impl"] in GPU_ONLY and backend != "gpu":
+            return {"status": "n/a"}
         dtype = spec["dtype"] or ("float32" if backend == "cpu" else "bfloat16")
         q, k, v, ct = (jnp.asarray(x, dtype) for x in arrays)
         forward, forward_backward = _jax_case(spec["impl"], q, k, v, spec["causal"],
@@ -136,7 +143,8 @@ def run_worker(spec: dict) -> dict:
         peak = jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0)
     return {"status": "ok", "fwd_s": fwd, "fwd_bwd_s": fwd_bwd, "peak_bytes": peak,
             "baseline_bytes": baseline if backend == "cpu" else 0, "repeats": repeats,
-            "dtype": dtype, "backend": backend}
+            "dtype": dtype, "backend": backend,
+            "jax": None if spec["impl"] == "torch" else describe_jax()}
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -181,8 +189,14 @@ def run_case(spec: dict, timeout: float, mem_limit: float) -> dict:
     return {"status": "OOM" if oom else f"error (rc {proc.returncode})"}
 
 
+def _ms(seconds: float) -> str:
+    """Milliseconds, with three decimals below 10 ms (GPU cases take tens of microseconds)."""
+    ms = 1e3 * seconds
+    return f"{ms:.1f}" if ms >= 10 else f"{ms:.3f}"
+
+
 def _fmt_time(r):
-    return f"{1e3 * r['fwd_s']:.1f}" if r["status"] == "ok" else r["status"]
+    return _ms(r["fwd_s"]) if r["status"] == "ok" else r["status"]
 
 
 def _fmt_mem(r):
@@ -203,22 +217,25 @@ def results_table(results: dict, lengths, impls, causals) -> str:
     mem_name = "peak RSS MiB (before run)" if next(
         (r.get("backend") for r in results.values() if r.get("backend")), "cpu") == "cpu" \
         else "peak device MiB"
+    with_cudnn = any(i == "cudnn" and r["status"] == "ok" for (i, _, _), r in results.items())
     head = ["causal", "T", "impl", "fwd ms", "fwd+bwd ms", mem_name, "fwd / jax.nn",
-            "fwd+bwd / jax.nn", "fwd+bwd / torch"]
+            "fwd+bwd / jax.nn"] + (["fwd+bwd / cudnn"] if with_cudnn else []) + ["fwd+bwd / torch"]
     rows = []
     for causal in causals:
         for length in lengths:
             nn, th = results.get(("jax.nn", length, causal)), results.get(("torch", length, causal))
+            cu = results.get(("cudnn", length, causal))
             for impl in impls:
                 r = results.get((impl, length, causal))
-                if r is None:
+                if r is None or r["status"] == "n/a":
                     continue
                 ok = r["status"] == "ok"
                 cells = [str(causal), str(length), impl, _fmt_time(r),
-                         f"{1e3 * r['fwd_bwd_s']:.1f}" if ok else "-",
+                         _ms(r["fwd_bwd_s"]) if ok else "-",
                          _fmt_mem(r),
-                         _ratio(r, nn, "fwd_s"), _ratio(r, nn, "fwd_bwd_s"),
-                         _ratio(r, th, "fwd_bwd_s")]
+                         _ratio(r, nn, "fwd_s"), _ratio(r, nn, "fwd_bwd_s")]
+                cells += [_ratio(r, cu, "fwd_bwd_s")] if with_cudnn else []
+                cells.append(_ratio(r, th, "fwd_bwd_s"))
                 rows.append(cells)
     return markdown_table(head, rows)
 
@@ -251,14 +268,22 @@ def save_plot(results: dict, lengths, impls, causals, out: Path) -> bool:
     return True
 
 
-def run_all(args, lengths, impls, causals) -> dict:
+def run_all(args, lengths, impls, causals, on_length_done=None) -> dict:
     """Every (impl, length, causal) in its own subprocess. The implementations of one length run
-    back to back, so that their ratios share the machine's state (other load, temperature)."""
+    back to back, so that their ratios share the machine's state (other load, temperature).
+    `on_length_done(results)` is called after each length, so a run cut short keeps its rows."""
     results, stopped, last = {}, {}, {}
     for causal in causals:
         for length in lengths:
+            if on_length_done is not None and results:
+                on_length_done(results)
             for impl in impls:
                 key = (impl, causal)
+                backend = next((r["backend"] for (i, _, _), r in results.items()
+                                if i != "torch" and r.get("backend")), None)
+                if impl in GPU_ONLY and backend not in (None, "gpu"):
+                    results[(impl, length, causal)] = {"status": "n/a"}
+                    continue
                 prev = last.get(key)
                 if key not in stopped and prev is not None:
                     # next case ~ (T'/T)^2 x (1 warm-up + 1 timed call of fwd and of fwd+bwd)
@@ -269,14 +294,14 @@ def run_all(args, lengths, impls, causals) -> dict:
                     results[(impl, length, causal)] = {"status": f"skip ({stopped[key]})"}
                     print(f"causal={causal!s:5} T={length:6} {impl:9}: skip", flush=True)
                     continue
-                backend = next((r["backend"] for (i, _, _), r in results.items()
-                                if i != "torch" and r.get("backend")), None)
                 spec = dict(impl=impl, length=length, causal=causal, batch=args.batch,
                             heads=args.heads, head_dim=args.head_dim, repeats=args.repeats,
                             block_size=args.block_size, dtype=args.dtype, backend=backend)
                 r = run_case(spec, args.timeout, args.mem_limit_gb * 2**30)
                 results[(impl, length, causal)] = r
-                shown = f"{r['fwd_bwd_s']:.3f} s fwd+bwd" if r["status"] == "ok" else r["status"]
+                shown = (f"fwd {_ms(r['fwd_s'])} ms, fwd+bwd {_ms(r['fwd_bwd_s'])} ms, "
+                         f"peak {r['peak_bytes'] / 2**20:.0f} MiB" if r["status"] == "ok"
+                         else r["status"])
                 print(f"causal={causal!s:5} T={length:6} {impl:9}: {shown}", flush=True)
                 if r["status"] in ("OOM", "timeout") or r["status"].startswith("error"):
                     stopped[key] = f"{r['status'].split(' ')[0]} at {length}"
@@ -320,21 +345,43 @@ def main(argv=None):
         lengths, n = [], args.min_len
         while n <= args.max_len:
             lengths, n = lengths + [n], 2 * n
-    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    impls = list(dict.fromkeys(i.strip() for i in args.impls.split(",") if i.strip()))
     unknown = set(impls) - set(IMPLS)
     if unknown:
         raise SystemExit(f"unknown --impls {sorted(unknown)}; choose from {IMPLS}")
     causals = [False, True] if args.causal is None else [args.causal]
     load_start = os.getloadavg()[0]
-    results = run_all(args, lengths, impls, causals)
+
+    def report(results, final: bool) -> None:
+        """Print (when final) and write the table of the results so far."""
+        body = report_body(args, results, lengths, impls, causals, load_start)
+        if final:
+            print("\n" + body)
+        if save_plot(results, lengths, impls, causals, Path(args.out)) and final:
+            print(f"\nplot: {args.out}")
+        if not args.no_results:
+            backend = next((r["backend"] for r in results.values() if r.get("backend")), "cpu")
+            path = write_results_section(f"bench_attention ({backend})", body, args.results)
+            if final:
+                print(f"results: {path}")
+
+    results = run_all(args, lengths, impls, causals,
+                      on_length_done=lambda results: report(results, final=False))
+    report(results, final=True)
+
+
+def report_body(args, results, lengths, impls, causals, load_start) -> str:
+    """The RESULTS.md section: machine, command, shapes, and the table."""
     load_end = os.getloadavg()[0]
     table = results_table(results, lengths, impls, causals)
-    machine = describe_machine()
+    # the driver never starts JAX (on a GPU it would hold the memory the workers measure)
+    machine = describe_machine(next((r["jax"] for r in results.values() if r.get("jax")),
+                                    "JAX: no case ran"))
     backend = next((r["backend"] for r in results.values() if r.get("backend")), "cpu")
     dtype = next((r["dtype"] for r in results.values() if r.get("dtype")), args.dtype)
     argv = list(getattr(sys, "orig_argv", [sys.executable] + sys.argv))
     command = " ".join(["python"] + argv[1:])
-    body = "\n".join([
+    return "\n".join([
         f"- machine: {machine}",
         f"- date: {today()}",
         f"- command: `{command}`",
@@ -345,17 +392,14 @@ def main(argv=None):
         f"blockwise block_size {args.block_size} (query blocks {args.block_size}, key blocks "
         f"{max(args.block_size // 2, 1)})",
         "- times in ms (jit compile excluded, median); ratios are time / peer time "
-        "(< 1 = faster than the peer); memory: peak RSS of the whole process (a fresh one per "
-        "row; in brackets its peak before the first call: runtime + inputs)",
+        "(< 1 = faster than the peer); memory: "
+        + ("peak RSS of the whole process (a fresh one per row; in brackets its peak before "
+           "the first call: runtime + inputs)" if backend == "cpu" else
+           "the device allocator's peak bytes in use (a fresh process per row; inputs "
+           "included)"),
         "",
         table,
     ])
-    print("\n" + body)
-    if save_plot(results, lengths, impls, causals, Path(args.out)):
-        print(f"\nplot: {args.out}")
-    if not args.no_results:
-        path = write_results_section(f"bench_attention ({backend})", body, args.results)
-        print(f"results: {path}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ vs PyTorch `nn.Transformer`, interleaved in one process.
 Tokens/s counts source + target tokens. MFU = model FLOPs/s (benchmarks/flops.py) divided by
 the peak of a large matmul measured in the same run (and the datasheet peak when known).
 Torch runs in a child process after the interleaved JAX runs (its OpenMP threads stall
-beside an active XLA thread pool); on GPU/TPU it is skipped. All three use AdamW (b2=0.98),
-dropout 0.1, label-smoothed (0.1) cross-entropy, random tokens.
+beside an active XLA thread pool); on a JAX GPU backend it runs on CUDA, on TPU it is skipped.
+All three use AdamW (b2=0.98), dropout 0.1, label-smoothed (0.1) cross-entropy, random tokens.
+`--batch N` replaces both configs' batch sizes (16 and 8), e.g. to fill an accelerator; such a
+run gets its own RESULTS.md section.
 
 Compute dtype: `--dtype auto` is bfloat16 on GPU/TPU and float32 on CPU; `--dtype bfloat16`
 on a CPU runs all three with float32 parameters and bf16 compute (torch under
@@ -114,9 +116,10 @@ def peer_step(config: TransformerConfig, src, tgt_in, tgt_out):
 def torch_times(config: TransformerConfig, batch: int, length: int, args):
     """Per-step seconds of the torch peer, measured in a child process (see peer_torch.main),
     and its parameter count; None when torch is not installed."""
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     cmd = [sys.executable, "-m", "benchmarks.peer_torch", "--config", json.dumps(config.to_dict()),
            "--batch", str(batch), "--length", str(length), "--steps", str(args.steps),
-           "--repeats", str(args.repeats)]
+           "--repeats", str(args.repeats), "--device", device]
     if args.torch_threads:
         cmd += ["--threads", str(args.torch_threads)]
     repo = Path(__file__).resolve().parent.parent
@@ -124,6 +127,9 @@ def torch_times(config: TransformerConfig, batch: int, length: int, args):
     if done.returncode != 0:
         if "No module named 'torch'" in done.stderr:
             print("torch not installed: pip install -e .[bench] to include it", file=sys.stderr)
+            return None
+        if "sees no CUDA device" in done.stderr:
+            print("torch has no CUDA here (a CPU build?): torch peer skipped", file=sys.stderr)
             return None
         raise RuntimeError(f"torch peer failed:\n{done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -147,11 +153,10 @@ def compute_dtype(requested: str) -> str:
 
 
 def bench_config(name: str, spec: dict, args, peak: float, datasheet: float | None):
-    on_accelerator = jax.default_backend() != "cpu"
     config = TransformerConfig.preset("base", **spec["config"], dropout_rate=0.1,
                                       max_len=spec["length"], dtype=compute_dtype(args.dtype),
                                       attention_impl=args.attention_impl)
-    batch, length = spec["batch"], spec["length"]
+    batch, length = args.batch or spec["batch"], spec["length"]
     rng = np.random.default_rng(0)
     src = jnp.asarray(rng.integers(4, config.src_vocab_size, (batch, length)), jnp.int32)
     tgt = jnp.asarray(rng.integers(4, config.tgt_vocab_size, (batch, length + 1)), jnp.int32)
@@ -167,7 +172,7 @@ def bench_config(name: str, spec: dict, args, peak: float, datasheet: float | No
         for key, (run, _) in runners.items():
             times[key].append(time_steps(run, args.steps))
     params = {key: n for key, (_, n) in runners.items()}
-    if not args.no_torch and not on_accelerator:
+    if not args.no_torch and jax.default_backend() in ("cpu", "gpu"):
         measured = torch_times(config, batch, length, args)
         if measured is not None:
             times["torch nn.Transformer"], params["torch nn.Transformer"] = measured
@@ -176,7 +181,7 @@ def bench_config(name: str, spec: dict, args, peak: float, datasheet: float | No
     fastest_peer = min(statistics.median(t) for k, t in times.items() if k != "flax_transformer")
     for key, n_params in params.items():
         t = statistics.median(times[key])
-        rows.append([name, key, f"{n_params / 1e6:.1f}M", f"{t * 1e3:.1f}",
+        rows.append([name, batch, key, f"{n_params / 1e6:.1f}M", f"{t * 1e3:.2f}",
                      f"{batch * 2 * length / t:,.0f}", f"{flops / t / peak:.1%}",
                      "-" if datasheet is None else f"{flops / t / datasheet:.1%}",
                      f"{fastest_peer / t:.2f}x"])
@@ -188,6 +193,8 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per framework")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size for every config (default: small 16, base 8)")
     parser.add_argument("--attention-impl", default=TransformerConfig.attention_impl,
                         choices=IMPLEMENTATIONS)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -199,31 +206,39 @@ def main(argv=None) -> None:
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     common.add_malloc_flag(parser)
     args = parser.parse_args(argv)
+    for field in ("steps", "repeats", "batch"):
+        value = getattr(args, field)
+        if value is not None and value < 1:
+            parser.error(f"--{field} must be >= 1, got {value}")
     args.child_env = common.configure_malloc(args.default_malloc)
 
     dtype = jnp.dtype(compute_dtype(args.dtype))
     peak = measured_peak_flops(dtype)
     device_kind = jax.devices()[0].device_kind
     datasheet = DATASHEET_PEAK.get((device_kind, jnp.dtype(dtype).name))
+    header = ["config", "batch", "framework", "params", "ms/step", "tokens/s",
+              "MFU (measured peak)", "MFU (datasheet)", "vs fastest peer"]
+    qualifiers = [jax.default_backend()]  # a non-default dtype or batch gets its own section
+    if dtype != jnp.dtype(compute_dtype("auto")):
+        qualifiers.append(dtype.name)
+    if args.batch:
+        qualifiers.append(f"batch {args.batch}")
+    section = f"bench_train ({', '.join(qualifiers)})"
+    intro = (f"{common.describe_machine()}\n\nCommand: `python -m benchmarks.bench_train "
+             f"{' '.join(argv if argv is not None else sys.argv[1:])}`; "
+             f"{common.malloc_note(args.default_malloc)}\n\n"
+             f"Measured {dtype.name} matmul peak: {peak / 1e9:,.1f} GFLOP/s"
+             f"{'' if datasheet is None else f'; datasheet {datasheet / 1e12:,.0f} TFLOP/s'}.")
     rows = []
     for name in args.configs:
-        rows += bench_config(name, CONFIGS[name], args, peak, datasheet)
-    header = ["config", "framework", "params", "ms/step", "tokens/s", "MFU (measured peak)",
-              "MFU (datasheet)", "vs fastest peer"]
-    table = common.markdown_table(header, rows)
-    backend = jax.default_backend()
-    default = dtype == jnp.dtype(compute_dtype("auto"))  # its own section otherwise
-    section = f"bench_train ({backend})" if default else f"bench_train ({backend}, {dtype.name})"
-    body = (f"{common.describe_machine()}\n\nCommand: `python -m benchmarks.bench_train "
-            f"{' '.join(argv if argv is not None else sys.argv[1:])}`; "
-            f"{common.malloc_note(args.default_malloc)}\n\n"
-            f"Measured {jnp.dtype(dtype).name} matmul peak: {peak / 1e9:,.1f} GFLOP/s"
-            f"{'' if datasheet is None else f'; datasheet {datasheet / 1e12:,.0f} TFLOP/s'}."
-            f"\n\n{table}\n")
+        config_rows = bench_config(name, CONFIGS[name], args, peak, datasheet)
+        for row in config_rows:  # as each config finishes, in case a later one is cut short
+            print(" | ".join(str(c) for c in row), flush=True)
+        rows += config_rows
+        body = f"{intro}\n\n{common.markdown_table(header, rows)}\n"
+        if not args.no_write:
+            common.write_results_section(section, body)
     print(body)
-    if not args.no_write:
-        common.write_results_section(section, body)
-
 
 if __name__ == "__main__":
     main()

@@ -25,20 +25,25 @@ def add_malloc_flag(parser) -> None:
 def configure_malloc(default_malloc: bool) -> dict[str, str]:
     """Apply the malloc setting to this process; return the environment for child processes.
 
-    Peers in child processes (torch) get the same setting, so the comparison stays fair.
+    Peers in child processes (torch) get the same setting, so the comparison stays fair. On a
+    GPU/TPU machine `keep_freed_memory` does nothing, and neither do the children.
     """
     from flax_transformer.runtime import KEEP_FREED_MEMORY_ENV, keep_freed_memory
 
-    if default_malloc:
+    if default_malloc or not keep_freed_memory():
         return dict(os.environ)
-    keep_freed_memory()
     return {**os.environ, **KEEP_FREED_MEMORY_ENV}
 
 
 def malloc_note(default_malloc: bool) -> str:
     """How the run's processes were configured, for RESULTS.md."""
-    return ("glibc malloc defaults (`--default-malloc`)" if default_malloc else
-            "every process keeps freed memory (`flax_transformer.runtime.keep_freed_memory`)")
+    from flax_transformer.runtime import accelerator_expected
+
+    if default_malloc:
+        return "glibc malloc defaults (`--default-malloc`)"
+    if accelerator_expected():
+        return "glibc malloc defaults (an accelerator run: `keep_freed_memory` is for CPUs)"
+    return "every process keeps freed memory (`flax_transformer.runtime.keep_freed_memory`)"
 
 
 def _cpu_model() -> str:
@@ -80,21 +85,29 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def describe_machine() -> str:
-    """One line: CPU model, cores, memory, JAX backend and devices, library versions."""
-    parts = [f"CPU: {_cpu_model()}, {cpu_count()} cores"]
-    mem = _memory_gb()
-    if mem is not None:
-        parts.append(f"{mem:.0f} GiB RAM")
+def describe_jax() -> str:
+    """JAX's version, backend and devices (starts JAX's backends if they are not running)."""
     try:
         import jax
 
         devices = jax.devices()
         kinds = sorted({d.device_kind for d in devices})
-        parts.append(f"JAX {jax.__version__} on {jax.default_backend()} "
-                     f"({len(devices)} x {', '.join(kinds)})")
+        return (f"JAX {jax.__version__} on {jax.default_backend()} "
+                f"({len(devices)} x {', '.join(kinds)})")
     except Exception as exc:  # noqa: BLE001 - describing the machine must never fail
-        parts.append(f"JAX unavailable ({type(exc).__name__})")
+        return f"JAX unavailable ({type(exc).__name__})"
+
+
+def describe_machine(jax_description: str | None = None) -> str:
+    """One line: CPU model, cores, memory, JAX backend and devices, library versions.
+
+    `jax_description` (from `describe_jax()` in another process) spares this process from
+    starting JAX, which on a GPU would take most of the device's memory."""
+    parts = [f"CPU: {_cpu_model()}, {cpu_count()} cores"]
+    mem = _memory_gb()
+    if mem is not None:
+        parts.append(f"{mem:.0f} GiB RAM")
+    parts.append(jax_description or describe_jax())
     try:
         import torch
 

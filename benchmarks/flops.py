@@ -36,12 +36,17 @@ def train_step_flops(c: TransformerConfig, batch: int, src_len: int, tgt_len: in
     return 3.0 * batch * forward_flops(c, src_len, tgt_len)
 
 
-def measured_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 10) -> float:
+def measured_peak_flops(dtype=jnp.float32, n: int | None = None, repeats: int = 10) -> float:
     """Best FLOP/s of an [n, n] x [n, n] matmul on the default device (the achievable peak).
+
+    n defaults to 2048 on CPU and 8192 on an accelerator (where a 2048 product takes tens of
+    microseconds, about the dispatch time, and would understate the peak).
 
     Sums are float32 for every dtype, as in the models' projections (`kernels.project`): a
     bf16 matmul with a bf16 result would measure XLA:CPU's emulated path, not the hardware.
     """
+    if n is None:
+        n = 2048 if jax.default_backend() == "cpu" else 8192
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     accumulate = jnp.promote_types(dtype, jnp.float32)

@@ -1,6 +1,7 @@
 """Peer for `bench_train`: PyTorch's `nn.Transformer` with the same embeddings and head.
 
-Optional: needs `pip install -e .[bench]` (a CPU build of torch).
+Optional: needs `pip install -e .[bench]` (a CPU build of torch; on a GPU machine, a CUDA build).
+Runs on CUDA when asked (`--device cuda`), with bf16 matmuls under `torch.autocast`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from flax_transformer.kernels import sinusoidal_positions
 
 
 def build_torch_step(c: TransformerConfig, batch: int, src_len: int, tgt_len: int, *,
-                     label_smoothing: float = 0.1, seed: int = 0):
+                     label_smoothing: float = 0.1, seed: int = 0, device: str = "cpu"):
     """A zero-argument callable running one AdamW train step of `nn.Transformer` on fixed
-    random token batches, and the model's parameter count."""
+    random token batches on `device` ("cpu" or "cuda"), and the model's parameter count.
+
+    The step returns the loss as a device tensor, without waiting for it (as JAX's dispatch
+    does not): the caller synchronises once per timed block."""
     import torch
     from torch import nn
 
@@ -39,31 +43,31 @@ def build_torch_step(c: TransformerConfig, batch: int, src_len: int, tgt_len: in
                                 + self.positions[: tokens.shape[1]])
 
         def forward(self, src, tgt):
-            causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+            causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], device=tgt.device)
             y = self.transformer(self.embed(src, self.src_embed), self.embed(tgt, self.tgt_embed),
                                  tgt_mask=causal, src_key_padding_mask=src == 0,
                                  memory_key_padding_mask=src == 0)
             return y @ self.tgt_embed.weight.T
 
-    model = TorchPeer().train()
+    model = TorchPeer().to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
     loss_fn = nn.CrossEntropyLoss(ignore_index=0, label_smoothing=label_smoothing)
     rng = np.random.default_rng(seed)
-    src = torch.from_numpy(rng.integers(4, c.src_vocab_size, (batch, src_len)))
-    tgt = torch.from_numpy(rng.integers(4, c.tgt_vocab_size, (batch, tgt_len + 1)))
+    src = torch.from_numpy(rng.integers(4, c.src_vocab_size, (batch, src_len))).to(device)
+    tgt = torch.from_numpy(rng.integers(4, c.tgt_vocab_size, (batch, tgt_len + 1))).to(device)
 
     low_precision = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(c.dtype)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         # float32 parameters, low-precision matmuls: torch's mixed precision, like dtype=bf16
-        with torch.autocast("cpu", dtype=low_precision, enabled=low_precision is not None):
+        with torch.autocast(device, dtype=low_precision, enabled=low_precision is not None):
             logits = model(src, tgt[:, :-1])
         logits = logits.float()
         loss = loss_fn(logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1))
         loss.backward()
         optimizer.step()
-        return loss.item()
+        return loss.detach()
 
     return step, sum(p.numel() for p in model.parameters())
 
@@ -85,22 +89,28 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args(argv)
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("torch peer: --device cuda but this torch build sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TransformerConfig.from_dict(json.loads(args.config))
-    step, count = build_torch_step(config, args.batch, args.length, args.length)
-    for _ in range(2):
-        step()
+    step, count = build_torch_step(config, args.batch, args.length, args.length,
+                                   device=args.device)
+    for _ in range(3):
+        step().item()  # .item() waits for the device
     seconds = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         for _ in range(args.steps):
-            step()
+            loss = step()
+        loss.item()
         seconds.append((time.perf_counter() - start) / args.steps)
-    print(json.dumps({"seconds": seconds, "params": count, "threads": torch.get_num_threads()}))
+    print(json.dumps({"seconds": seconds, "params": count, "threads": torch.get_num_threads(),
+                      "device": args.device}))
 
 
 if __name__ == "__main__":

@@ -63,3 +63,57 @@ def test_forward_flops_by_hand():
         + 4 * t * s * d
     assert forward_flops(c, s, t) == encoder + decoder + 2 * t * d * 10
     assert train_step_flops(c, 4, s, t) == 3 * 4 * forward_flops(c, s, t)
+
+
+def test_bench_attention_keeps_finished_lengths_when_cut_short(tmp_path, monkeypatch):
+    from benchmarks import bench_attention
+
+    calls = []
+
+    def fake_case(spec, timeout, mem_limit):
+        calls.append((spec["impl"], spec["length"]))
+        if spec["length"] == 256:
+            raise KeyboardInterrupt  # the run is killed during the second length
+        seconds = {"blockwise": 0.5, "jax.nn": 1.0}[spec["impl"]]
+        return {"status": "ok", "fwd_s": seconds, "fwd_bwd_s": 3 * seconds, "peak_bytes": 2**20,
+                "baseline_bytes": 0, "repeats": 1, "dtype": "float32", "backend": "cpu",
+                "jax": "JAX (test) on cpu"}
+
+    monkeypatch.setattr(bench_attention, "run_case", fake_case)
+    results = tmp_path / "RESULTS.md"
+    with pytest.raises(KeyboardInterrupt):
+        bench_attention.main(["--lengths", "128,256", "--causal", "--impls",
+                              "blockwise,cudnn,jax.nn", "--results", str(results),
+                              "--out", str(tmp_path / "plot.png")])
+    text = results.read_text()
+    assert "## bench_attention (cpu)" in text and "JAX (test) on cpu" in text
+    assert "| True | 128 | blockwise | 500.0 | 1500.0 | 1 | 0.50 | 0.50 | - |" in text
+    assert "| True | 128 | jax.nn |" in text and "| 256 |" not in text
+    # cudnn is GPU-only: on a CPU backend it never runs and has no row or ratio column
+    assert ("cudnn", 128) not in calls and "cudnn" not in text
+
+
+def test_torch_peer_refuses_cuda_it_does_not_have(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this torch sees a CUDA device")
+    import json
+
+    from benchmarks.peer_torch import main
+
+    with pytest.raises(SystemExit, match="sees no CUDA device"):
+        main(["--config", json.dumps(TINY.to_dict()), "--batch", "2", "--length", "4",
+              "--device", "cuda"])
+
+
+def test_torch_peer_worker_reports_per_step_seconds(capsys):
+    pytest.importorskip("torch")
+    import json
+
+    from benchmarks.peer_torch import main
+
+    main(["--config", json.dumps(TINY.to_dict()), "--batch", "2", "--length", "4", "--steps", "2",
+          "--repeats", "3"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(report["seconds"]) == 3 and all(s > 0 for s in report["seconds"])
+    assert report["device"] == "cpu" and report["params"] > 0

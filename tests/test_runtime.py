@@ -7,16 +7,22 @@ import sys
 import pytest
 
 from benchmarks.common import configure_malloc, malloc_note
-from flax_transformer.runtime import KEEP_FREED_MEMORY_ENV
+from flax_transformer.runtime import (
+    KEEP_FREED_MEMORY_ENV,
+    accelerator_expected,
+    keep_freed_memory,
+)
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc")
+CPU_ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the children run as on a CPU-only machine
 
 
 @glibc
 def test_keep_freed_memory_is_accepted_by_glibc():
     # Run in a child so the test process keeps its own malloc settings.
     code = "from flax_transformer.runtime import keep_freed_memory; print(keep_freed_memory())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=CPU_ENV)
     assert out.stdout.strip() == "True"
 
 
@@ -33,6 +39,43 @@ def test_child_environment_carries_the_same_settings():
 def test_configure_malloc_hands_children_the_settings():
     code = ("import json; from benchmarks.common import configure_malloc; "
             "print(json.dumps(configure_malloc(False)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=CPU_ENV)
     env = json.loads(out.stdout)
     assert {k: env[k] for k in KEEP_FREED_MEMORY_ENV} == KEEP_FREED_MEMORY_ENV
+
+
+@pytest.mark.parametrize("platforms, expected", [
+    ("cpu", False), ("CPU", False), ("cpu,cuda", False), ("cuda", True), ("cuda,cpu", True),
+    ("tpu", True), ("rocm", True),
+])
+def test_jax_platforms_decides_whether_an_accelerator_is_expected(monkeypatch, platforms,
+                                                                  expected):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert accelerator_expected() is expected
+
+
+def test_an_installed_jax_plugin_means_an_accelerator(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.delitem(sys.modules, "jax_plugins", raising=False)
+    (tmp_path / "jax_plugins" / "xla_fake_gpu").mkdir(parents=True)
+    (tmp_path / "jax_plugins" / "xla_fake_gpu" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert accelerator_expected()
+    monkeypatch.delitem(sys.modules, "jax_plugins", raising=False)
+
+
+def test_keep_freed_memory_leaves_malloc_alone_on_an_accelerator(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert keep_freed_memory() is False  # returns before touching malloc
+    assert configure_malloc(default_malloc=False) == dict(os.environ)
+    assert "accelerator" in malloc_note(False)
+
+
+@glibc
+def test_keep_freed_memory_can_be_forced_on_an_accelerator():
+    code = ("from flax_transformer.runtime import keep_freed_memory; "
+            "print(keep_freed_memory(), keep_freed_memory(on_accelerator=True))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "JAX_PLATFORMS": "cuda"})
+    assert out.stdout.split() == ["False", "True"]
