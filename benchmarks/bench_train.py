@@ -240,5 +240,6 @@ def main(argv=None) -> None:
             common.write_results_section(section, body)
     print(body)
 
+
 if __name__ == "__main__":
     main()
