@@ -14,19 +14,24 @@ from flax_transformer.runtime import (
 )
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc")
-CPU_ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the children run as on a CPU-only machine
+
+
+def child_stdout(code: str, jax_platforms: str = "cpu") -> str:
+    """stdout of `python -c code` in a child (so this process keeps its malloc settings), run
+    as on a machine whose JAX uses `jax_platforms`."""
+    env = {**os.environ, "JAX_PLATFORMS": jax_platforms}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, env=env).stdout
 
 
 @glibc
 def test_keep_freed_memory_is_accepted_by_glibc():
-    # Run in a child so the test process keeps its own malloc settings.
     code = "from flax_transformer.runtime import keep_freed_memory; print(keep_freed_memory())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env=CPU_ENV)
-    assert out.stdout.strip() == "True"
+    assert child_stdout(code).strip() == "True"
 
 
-def test_child_environment_carries_the_same_settings():
+def test_child_environment_carries_the_same_settings(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert set(KEEP_FREED_MEMORY_ENV) == {"MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_",
                                           "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"}
     assert all(v.isdigit() for v in KEEP_FREED_MEMORY_ENV.values())
@@ -39,9 +44,7 @@ def test_child_environment_carries_the_same_settings():
 def test_configure_malloc_hands_children_the_settings():
     code = ("import json; from benchmarks.common import configure_malloc; "
             "print(json.dumps(configure_malloc(False)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env=CPU_ENV)
-    env = json.loads(out.stdout)
+    env = json.loads(child_stdout(code))
     assert {k: env[k] for k in KEEP_FREED_MEMORY_ENV} == KEEP_FREED_MEMORY_ENV
 
 
@@ -76,6 +79,4 @@ def test_keep_freed_memory_leaves_malloc_alone_on_an_accelerator(monkeypatch):
 def test_keep_freed_memory_can_be_forced_on_an_accelerator():
     code = ("from flax_transformer.runtime import keep_freed_memory; "
             "print(keep_freed_memory(), keep_freed_memory(on_accelerator=True))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env={**os.environ, "JAX_PLATFORMS": "cuda"})
-    assert out.stdout.split() == ["False", "True"]
+    assert child_stdout(code, jax_platforms="cuda").split() == ["False", "True"]
