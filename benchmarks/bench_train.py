@@ -188,7 +188,7 @@ def bench_config(name: str, spec: dict, args, peak: float, datasheet: float | No
     return rows
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
@@ -210,6 +210,11 @@ def main(argv=None) -> None:
         value = getattr(args, field)
         if value is not None and value < 1:
             parser.error(f"--{field} must be >= 1, got {value}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     args.child_env = common.configure_malloc(args.default_malloc)
 
     dtype = jnp.dtype(compute_dtype(args.dtype))

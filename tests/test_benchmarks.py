@@ -117,3 +117,20 @@ def test_torch_peer_worker_reports_per_step_seconds(capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(report["seconds"]) == 3 and all(s > 0 for s in report["seconds"])
     assert report["device"] == "cpu" and report["params"] > 0
+
+
+def test_accelerator_suite_commands_parse():
+    """Every command of benchmarks/accelerator_suite.sh is accepted by its program's parser."""
+    import shlex
+    from pathlib import Path
+
+    from benchmarks import bench_attention, bench_train
+
+    parsers = {"benchmarks.bench_train": bench_train.parse_args,
+               "benchmarks.bench_attention": bench_attention.parse_args}
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "accelerator_suite.sh"
+    commands = [shlex.split(line.split("||")[0]) for line in script.read_text().splitlines()
+                if line.startswith("$PYTHON -m ")]
+    assert {c[2] for c in commands} == set(parsers)
+    for command in commands:
+        parsers[command[2]](command[3:])  # SystemExit (argparse) on an unknown or bad flag
