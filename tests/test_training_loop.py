@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+from flax import nnx
 
 from flax_transformer import TransformerConfig
 from flax_transformer.data import batch_stream, load_task, make_batches
@@ -83,6 +84,34 @@ def test_checkpoint_round_trip_is_identical(tmp_path):
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     assert _leaves_equal(restored, state)
     assert not _leaves_equal(fresh.params, state.params)
+    checkpointer.close()
+
+
+def test_train_state_holds_plain_arrays_before_and_after_a_step():
+    # Variables in a jitted step's arguments cost a Python rebuild per leaf per call.
+    task = load_task("copy", max_examples=16)
+    parts, tx, state = _setup(task, accumulate_steps=2, steps=10)
+    stream = batch_stream(task.train, 8, seed=0, bucket_lengths=(24,))
+    for current in (state, make_train_step(parts, tx)(state, batch_arrays(next(stream)))[0]):
+        leaves = jax.tree.leaves(current, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        assert leaves and all(isinstance(leaf, jax.Array) for leaf in leaves)
+
+
+def test_checkpoints_written_with_variables_still_restore(tmp_path):
+    """Checkpoints saved before TrainState held plain arrays (params and Adam's moments were
+    nnx.Param objects, the state `nnx.split` gives) restore bitwise into today's state."""
+    task = load_task("copy", max_examples=16)
+    parts, tx, state = _setup(task, accumulate_steps=2, steps=10)
+    model = parts.model(state.params)
+    _, variables, _ = nnx.split(model, nnx.Param, ...)  # the old TrainState.params
+    old = init_train_state(variables, tx, seed=0)
+    assert any(isinstance(x, nnx.Param) for x in
+               jax.tree.leaves(old, is_leaf=lambda x: isinstance(x, nnx.Param)))
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(old)
+    restored = checkpointer.restore(state)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert _leaves_equal(restored, state)
     checkpointer.close()
 
 

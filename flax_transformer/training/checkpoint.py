@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from ..config import TransformerConfig
 from .config import TrainingConfig
@@ -27,6 +28,13 @@ CHECKPOINT_DIR = "checkpoints"
 
 # Orbax logs every save and restore at INFO through absl; keep the progress bar readable.
 logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def _with_variables(tree):
+    """`tree` with every leaf inside an `nnx.State` wrapped in `nnx.Param`: the layout of
+    checkpoints written while `TrainState` held Variables (params, Adam's mu and nu)."""
+    return jax.tree.map(lambda s: jax.tree.map(nnx.Param, s) if isinstance(s, nnx.State) else s,
+                        tree, is_leaf=lambda x: isinstance(x, nnx.State))
 
 
 class NoCheckpointError(FileNotFoundError):
@@ -76,7 +84,16 @@ class Checkpointer:
                 "predict from (train first, or drop --resume)"
             )
         target = abstract_train_state(like)
-        restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        except ValueError as err:
+            if "Structure mismatch" not in str(err):
+                raise
+            # Saved before the state held plain arrays: parameters and Adam moments were
+            # nnx.Param objects (one more `value` level in every path). Read that, drop it.
+            restored = self.manager.restore(
+                step, args=ocp.args.StandardRestore(_with_variables(target)))
+            restored = nnx.as_pure(restored)
         return TrainState(*restored) if not isinstance(restored, TrainState) else restored
 
     def close(self) -> None:
