@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from flax_transformer import TransformerConfig
@@ -112,6 +113,21 @@ def test_checkpoints_written_with_variables_still_restore(tmp_path):
     restored = checkpointer.restore(state)
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     assert _leaves_equal(restored, state)
+    checkpointer.close()
+
+
+def test_restoring_into_a_different_model_raises(tmp_path):
+    task = load_task("copy", max_examples=16)
+    _, _, state = _setup(task, steps=10)
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(state)
+    model = TransformerConfig.preset("tiny", d_model=32, d_ff=64, max_len=32,
+                                     src_vocab_size=task.src_vocab_size,
+                                     tgt_vocab_size=task.tgt_vocab_size)
+    parts, params = init_model(model, 0)
+    tx, _ = make_optimizer(TrainingConfig(task="copy", steps=10), model.d_model)
+    with pytest.raises(ValueError, match="shape"):  # orbax's own message, not the fallback's
+        checkpointer.restore(init_train_state(params, tx, 0))
     checkpointer.close()
 
 

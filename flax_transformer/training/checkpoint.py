@@ -86,14 +86,14 @@ class Checkpointer:
         target = abstract_train_state(like)
         try:
             restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
-        except ValueError as err:
-            if "Structure mismatch" not in str(err):
-                raise
+        except ValueError as err:  # orbax: the saved tree does not have the target's structure
             # Saved before the state held plain arrays: parameters and Adam moments were
             # nnx.Param objects (one more `value` level in every path). Read that, drop it.
-            restored = self.manager.restore(
-                step, args=ocp.args.StandardRestore(_with_variables(target)))
-            restored = nnx.as_pure(restored)
+            try:
+                restored = nnx.as_pure(self.manager.restore(
+                    step, args=ocp.args.StandardRestore(_with_variables(target))))
+            except ValueError:
+                raise err from None  # neither layout: the first error says what differs
         return TrainState(*restored) if not isinstance(restored, TrainState) else restored
 
     def close(self) -> None:
