@@ -86,7 +86,7 @@ class Checkpointer:
         target = abstract_train_state(like)
         try:
             restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
-        except ValueError as err:  # orbax: the saved tree does not have the target's structure
+        except ValueError as err:  # orbax: the saved tree does not match the target
             # Saved before the state held plain arrays: parameters and Adam moments were
             # nnx.Param objects (one more `value` level in every path). Read that, drop it.
             try:
