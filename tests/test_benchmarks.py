@@ -35,7 +35,7 @@ def test_torch_peer_has_our_parameter_count():
     ours = Transformer(TINY.replace(share_embeddings=False), rngs=nnx.Rngs(0))
     # nn.Transformer adds a final LayerNorm to each stack (2 x 2 x d_model parameters).
     assert count == n_params(ours) + 4 * TINY.d_model
-    assert np.isfinite(step())
+    assert np.isfinite(step().item())
 
 
 def test_torch_peer_runs_bf16_under_autocast():
@@ -43,7 +43,7 @@ def test_torch_peer_runs_bf16_under_autocast():
     from benchmarks.peer_torch import build_torch_step
 
     step, _ = build_torch_step(TINY.replace(dtype="bfloat16"), batch=2, src_len=5, tgt_len=4)
-    assert np.isfinite(step())
+    assert np.isfinite(step().item())
 
 
 def test_compute_dtype_and_peak_per_dtype():
