@@ -6,6 +6,8 @@ vs PyTorch `nn.Transformer`, interleaved in one process.
 
 Tokens/s counts source + target tokens. MFU = model FLOPs/s (benchmarks/flops.py) divided by
 the peak of a large matmul measured in the same run (and the datasheet peak when known).
+"host ms/step" is the Python loop's time per step until its last step was issued: close to
+ms/step, the host (dispatch) is the bottleneck, as for small batches on a GPU.
 Torch runs in a child process after the interleaved JAX runs (its OpenMP threads stall
 beside an active XLA thread pool); on a JAX GPU backend it runs on CUDA, on TPU it is skipped.
 All three use AdamW (b2=0.98), dropout 0.1, label-smoothed (0.1) cross-entropy, random tokens.
@@ -114,8 +116,8 @@ def peer_step(config: TransformerConfig, src, tgt_in, tgt_out):
 
 
 def torch_times(config: TransformerConfig, batch: int, length: int, args):
-    """Per-step seconds of the torch peer, measured in a child process (see peer_torch.main),
-    and its parameter count; None when torch is not installed."""
+    """Per-step seconds of the torch peer (total and host, see `time_steps`), measured in a
+    child process (see peer_torch.main), and its parameter count; None without torch."""
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     cmd = [sys.executable, "-m", "benchmarks.peer_torch", "--config", json.dumps(config.to_dict()),
            "--batch", str(batch), "--length", str(length), "--steps", str(args.steps),
@@ -133,16 +135,21 @@ def torch_times(config: TransformerConfig, batch: int, length: int, args):
             return None
         raise RuntimeError(f"torch peer failed:\n{done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result["seconds"], result["params"]
+    return list(zip(result["seconds"], result["host_seconds"])), result["params"]
 
 
-def time_steps(run, steps: int) -> float:
-    """Seconds per step over `steps` steps, synchronising once at the end."""
+def time_steps(run, steps: int) -> tuple[float, float]:
+    """(total, host) seconds per step over `steps` steps, synchronising once at the end.
+
+    host: the Python loop's time until its last step was issued. Near the total, the host is
+    the bottleneck (dispatch, or a runtime that blocks on a full queue); far below it, the
+    device is."""
     start = time.perf_counter()
     for _ in range(steps):
         value = run()
+    issued = time.perf_counter()
     jax.block_until_ready(value)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (issued - start) / steps
 
 
 def compute_dtype(requested: str) -> str:
@@ -178,10 +185,13 @@ def bench_config(name: str, spec: dict, args, peak: float, datasheet: float | No
             times["torch nn.Transformer"], params["torch nn.Transformer"] = measured
     flops = train_step_flops(config, batch, length, length)
     rows = []
-    fastest_peer = min(statistics.median(t) for k, t in times.items() if k != "flax_transformer")
+    totals = {k: [total for total, _ in v] for k, v in times.items()}
+    fastest_peer = min(statistics.median(t) for k, t in totals.items() if k != "flax_transformer")
     for key, n_params in params.items():
-        t = statistics.median(times[key])
+        t = statistics.median(totals[key])
+        host = statistics.median(h for _, h in times[key])
         rows.append([name, batch, key, f"{n_params / 1e6:.1f}M", f"{t * 1e3:.2f}",
+                     f"{host * 1e3:.2f}",
                      f"{batch * 2 * length / t:,.0f}", f"{flops / t / peak:.1%}",
                      "-" if datasheet is None else f"{flops / t / datasheet:.1%}",
                      f"{fastest_peer / t:.2f}x"])
@@ -221,7 +231,7 @@ def main(argv=None) -> None:
     peak = measured_peak_flops(dtype)
     device_kind = jax.devices()[0].device_kind
     datasheet = DATASHEET_PEAK.get((device_kind, jnp.dtype(dtype).name))
-    header = ["config", "batch", "framework", "params", "ms/step", "tokens/s",
+    header = ["config", "batch", "framework", "params", "ms/step", "host ms/step", "tokens/s",
               "MFU (measured peak)", "MFU (datasheet)", "vs fastest peer"]
     qualifiers = [jax.default_backend()]  # a non-default dtype or batch gets its own section
     if dtype != jnp.dtype(compute_dtype("auto")):

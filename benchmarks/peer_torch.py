@@ -102,15 +102,17 @@ def main(argv=None) -> None:
                                    device=args.device)
     for _ in range(3):
         step().item()  # .item() waits for the device
-    seconds = []
+    seconds, host_seconds = [], []  # per step: until the device is done / until issued
     for _ in range(args.repeats):
         start = time.perf_counter()
         for _ in range(args.steps):
             loss = step()
+        issued = time.perf_counter()
         loss.item()
         seconds.append((time.perf_counter() - start) / args.steps)
-    print(json.dumps({"seconds": seconds, "params": count, "threads": torch.get_num_threads(),
-                      "device": args.device}))
+        host_seconds.append((issued - start) / args.steps)
+    print(json.dumps({"seconds": seconds, "host_seconds": host_seconds, "params": count,
+                      "threads": torch.get_num_threads(), "device": args.device}))
 
 
 if __name__ == "__main__":

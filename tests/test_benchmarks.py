@@ -116,6 +116,7 @@ def test_torch_peer_worker_reports_per_step_seconds(capsys):
           "--repeats", "3"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(report["seconds"]) == 3 and all(s > 0 for s in report["seconds"])
+    assert all(0 < h <= s for h, s in zip(report["host_seconds"], report["seconds"]))
     assert report["device"] == "cpu" and report["params"] > 0
 
 
@@ -134,3 +135,16 @@ def test_accelerator_suite_commands_parse():
     assert {c[2] for c in commands} == set(parsers)
     for command in commands:
         parsers[command[2]](command[3:])  # SystemExit (argparse) on an unknown or bad flag
+
+
+def test_time_steps_reports_total_and_host_time_per_step():
+    from benchmarks.bench_train import time_steps
+
+    calls = []
+
+    def run():
+        calls.append(1)
+        return jnp.ones(4) * len(calls)
+
+    total, host = time_steps(run, 3)
+    assert len(calls) == 3 and 0 < host <= total
