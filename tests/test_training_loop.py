@@ -1,5 +1,7 @@
 """Learning the copy task, checkpoint round trips, and bitwise-identical resume."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -126,10 +128,12 @@ def test_restoring_into_a_different_model_raises(tmp_path):
                                      tgt_vocab_size=task.tgt_vocab_size)
     parts, params = init_model(model, 0)
     tx, _ = make_optimizer(TrainingConfig(task="copy", steps=10), model.d_model)
-    with pytest.raises(ValueError, match="do not match") as info:
+    with pytest.raises(ValueError) as info:
         checkpointer.restore(init_train_state(params, tx, 0))
-    # orbax's error for today's layout, not the one for the Variable layout tried after it
-    assert "encoder.layers.1" in str(info.value) and ".value" not in str(info.value)
+    # orbax's error for today's layout (it names the missing layer), not the one for the
+    # Variable layout tried after it (whose paths end in `value`)
+    message = str(info.value)
+    assert "layers" in message and not re.search(r"[.'/]value\b", message)
     checkpointer.close()
 
 
