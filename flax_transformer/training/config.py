@@ -173,12 +173,12 @@ RUN_PRESETS: dict[str, RunPreset] = {
     "g2p-long": RunPreset(
         "small", dict(d_model=192, num_heads=4, d_ff=768, num_encoder_layers=3,
                       num_decoder_layers=3, dropout_rate=0.1, max_len=48),
-        dict(task="g2p", steps=36000, batch_size=256, num_buckets=5, log_every=100,
+        dict(task="g2p", steps=48000, batch_size=256, num_buckets=5, log_every=100,
              eval_every=2000, checkpoint_every=1000, lr_schedule="cosine", learning_rate=2e-3,
-             lr_cycles=3, warmup_steps=400, min_lr_ratio=0.05, grad_clip=1.0, decode="beam",
+             lr_cycles=4, warmup_steps=400, min_lr_ratio=0.05, grad_clip=1.0, decode="beam",
              beam_size=4, eval_examples=1000, eval_batch_size=512),
-        "a longer CMUdict G2P run (3+3 layers, d_model 192, three 12k-step cosine cycles): "
-        "2.5-4.5 hours on 2 CPU cores"),
+        "a longer CMUdict G2P run (3+3 layers, d_model 192, four 12k-step cosine cycles): "
+        "3.5-6 hours on 2 CPU cores"),
     "translate": RunPreset(
         "small", dict(d_model=128, num_heads=4, d_ff=512, num_encoder_layers=3,
                       num_decoder_layers=3, dropout_rate=0.1, max_len=128,
