@@ -148,3 +148,12 @@ def test_time_steps_reports_total_and_host_time_per_step():
 
     total, host = time_steps(run, 3)
     assert len(calls) == 3 and 0 < host <= total
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--repeats", "--batch"])
+def test_bench_train_refuses_non_positive_counts(flag, capsys):
+    from benchmarks.bench_train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args([flag, "0"])
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
