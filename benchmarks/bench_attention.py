@@ -189,6 +189,13 @@ def run_case(spec: dict, timeout: float, mem_limit: float) -> dict:
     return {"status": "OOM" if oom else f"error (rc {proc.returncode})"}
 
 
+def _backend(results: dict, default: str | None = "cpu") -> str | None:
+    """The JAX backend the workers ran on ("cpu", "gpu", ...), from the first JAX case that ran;
+    `default` until one has."""
+    return next((r["backend"] for (impl, _, _), r in results.items()
+                 if impl != "torch" and r.get("backend")), default)
+
+
 def _ms(seconds: float) -> str:
     """Milliseconds, with three decimals below 10 ms (GPU cases take tens of microseconds)."""
     ms = 1e3 * seconds
@@ -214,9 +221,7 @@ def _ratio(r, peer, key):
 
 
 def results_table(results: dict, lengths, impls, causals) -> str:
-    mem_name = "peak RSS MiB (before run)" if next(
-        (r.get("backend") for r in results.values() if r.get("backend")), "cpu") == "cpu" \
-        else "peak device MiB"
+    mem_name = "peak RSS MiB (before run)" if _backend(results) == "cpu" else "peak device MiB"
     with_cudnn = any(i == "cudnn" and r["status"] == "ok" for (i, _, _), r in results.items())
     head = ["causal", "T", "impl", "fwd ms", "fwd+bwd ms", mem_name, "fwd / jax.nn",
             "fwd+bwd / jax.nn"] + (["fwd+bwd / cudnn"] if with_cudnn else []) + ["fwd+bwd / torch"]
@@ -279,8 +284,7 @@ def run_all(args, lengths, impls, causals, on_length_done=None) -> dict:
                 on_length_done(results)
             for impl in impls:
                 key = (impl, causal)
-                backend = next((r["backend"] for (i, _, _), r in results.items()
-                                if i != "torch" and r.get("backend")), None)
+                backend = _backend(results, default=None)
                 if impl in GPU_ONLY and backend not in (None, "gpu"):
                     results[(impl, length, causal)] = {"status": "n/a"}
                     continue
@@ -360,8 +364,8 @@ def main(argv=None):
         if save_plot(results, lengths, impls, causals, Path(args.out)) and final:
             print(f"\nplot: {args.out}")
         if not args.no_results:
-            backend = next((r["backend"] for r in results.values() if r.get("backend")), "cpu")
-            path = write_results_section(f"bench_attention ({backend})", body, args.results)
+            path = write_results_section(f"bench_attention ({_backend(results)})", body,
+                                         args.results)
             if final:
                 print(f"results: {path}")
 
@@ -377,7 +381,7 @@ def report_body(args, results, lengths, impls, causals, load_start) -> str:
     # the driver never starts JAX (on a GPU it would hold the memory the workers measure)
     machine = describe_machine(next((r["jax"] for r in results.values() if r.get("jax")),
                                     "JAX: no case ran"))
-    backend = next((r["backend"] for r in results.values() if r.get("backend")), "cpu")
+    backend = _backend(results)
     dtype = next((r["dtype"] for r in results.values() if r.get("dtype")), args.dtype)
     argv = list(getattr(sys, "orig_argv", [sys.executable] + sys.argv))
     command = " ".join(["python"] + argv[1:])
