@@ -172,3 +172,29 @@ def test_two_n_steps_equal_n_then_resume_n(tmp_path):
     a, b = final(straight), final(split)
     assert int(a.step) == int(b.step) == 2 * n
     assert _leaves_equal(a, b)
+
+
+def _tiny_state_and_batch(seed=0):
+    model = TransformerConfig.preset("tiny", dropout_rate=0.1, max_len=16)
+    parts, params = init_model(model, seed)
+    tx, _ = make_optimizer(TrainingConfig(task="copy", steps=10), model.d_model)
+    rng = np.random.default_rng(seed)
+    batch = {k: rng.integers(4, 32, (4, 12)).astype(np.int32) for k in ("src", "tgt_in", "tgt_out")}
+    return parts, tx, init_train_state(params, tx, seed), batch
+
+
+def _array_parameter_copies(hlo: str) -> list[str]:
+    """Entry parameters (not scalars) that the compiled step copies."""
+    entry = hlo[hlo.index("\nENTRY"):]
+    arrays = set(re.findall(r"%(\S+) = \w+\[\d[\d,]*\]\S* parameter\(\d+\)", entry))
+    return [name for name in re.findall(r" copy\(%(\S+?)\)", entry) if name in arrays]
+
+
+def test_kept_parameters_do_not_take_the_optimizer_state_buffers():
+    """With the parameters kept (CPU default), each donated moment buffer receives its own new
+    value: were the new parameters listed first, they would take the moments' buffers and XLA
+    would copy every moment tensor at the start of each step."""
+    parts, tx, state, batch = _tiny_state_and_batch()
+    step = make_train_step(parts, tx, donate_params=False)
+    hlo = step.lower(state, batch).compile().as_text()
+    assert _array_parameter_copies(hlo) == []

@@ -59,7 +59,8 @@ def make_train_step(
     parameters made a `base` step 4-25% faster on a 2-core CPU (A/B runs in one process, see
     benchmarks/RESULTS.md) and changed nothing at smaller sizes. Each step then allocates
     fresh parameter buffers (the old ones are freed when the caller drops them). Either way
-    the results are bitwise identical.
+    the results are bitwise identical, and `train_step.lower(state, batch)` lowers the step for
+    inspection (`.compile().as_text()` is its HLO).
     """
 
     def loss_fn(params, batch, dropout_key):
@@ -86,13 +87,24 @@ def make_train_step(
 
     def split_step(params, donated, batch):
         step, opt_state, rng = donated
-        return train_step(TrainState(step, params, opt_state, rng), batch)
+        new, metrics = train_step(TrainState(step, params, opt_state, rng), batch)
+        # The donated state comes first among the outputs: JAX hands each donated buffer to
+        # the first output of its shape and dtype, so new parameters listed first would take
+        # the Adam moments' buffers, and XLA would copy every moment tensor each step.
+        return (new.step, new.opt_state, new.rng), new.params, metrics
 
     compiled = jax.jit(split_step, donate_argnums=1)
 
     def train_step_keeping_params(state: TrainState, batch: Batch):
-        return compiled(state.params, (state.step, state.opt_state, state.rng), batch)
+        (step, opt_state, rng), params, metrics = compiled(
+            state.params, (state.step, state.opt_state, state.rng), batch
+        )
+        return TrainState(step, params, opt_state, rng), metrics
 
+    def lower(state: TrainState, batch: Batch):  # as `jax.jit(...).lower`, for inspection
+        return compiled.lower(state.params, (state.step, state.opt_state, state.rng), batch)
+
+    train_step_keeping_params.lower = lower
     return train_step_keeping_params
 
 
