@@ -157,3 +157,26 @@ def test_bench_train_refuses_non_positive_counts(flag, capsys):
     with pytest.raises(SystemExit):
         parse_args([flag, "0"])
     assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_bench_train_uses_the_best_peak_of_the_run(monkeypatch, capsys):
+    """MFU divides by the best of the peak measurements (before and after each config): one
+    taken while the machine is busy would inflate every MFU of the run."""
+    from benchmarks import bench_train
+
+    peaks = iter([100e9, 200e9, 150e9])
+    monkeypatch.setattr(bench_train, "measured_peak_flops", lambda dtype: next(peaks))
+
+    def fake_config(name, spec, args):
+        return [dict(config=name, batch=2, framework=framework, params=1e6, flops=1e9,
+                     seconds=seconds, host_seconds=0.001, vs_fastest_peer=0.1 / seconds)
+                for framework, seconds in (("flax_transformer", 0.05), ("peer", 0.1))]
+
+    monkeypatch.setattr(bench_train, "bench_config", fake_config)
+    bench_train.main(["--configs", "small", "base", "--no-write"])
+    out = capsys.readouterr().out
+    assert "matmul peak: 200.0 GFLOP/s (best of 3 measurements" in out
+    # 1 GFLOP in 50 ms = 20 GFLOP/s: 10% of the best peak (20% of the first measurement)
+    table = out[out.index("| config |"):]
+    assert table.count("| flax_transformer |") == 2 and "| 10.0% |" in table
+    assert "| 20.0% |" not in table and "| 2.00x |" in table
