@@ -197,6 +197,7 @@ def bench_config(name: str, spec: dict, args) -> list[dict]:
 
 
 def table_row(r: dict, peak: float, datasheet: float | None) -> list:
+    """One table row of a `bench_config` result, MFU against `peak` (and `datasheet`)."""
     tokens = r["batch"] * 2 * CONFIGS[r["config"]]["length"]
     mfu = r["flops"] / r["seconds"]
     return [r["config"], r["batch"], r["framework"], f"{r['params'] / 1e6:.1f}M",
@@ -250,6 +251,7 @@ def main(argv=None) -> None:
         qualifiers.append(f"batch {args.batch}")
     section = f"bench_train ({', '.join(qualifiers)})"
     flags = " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python -m benchmarks.bench_train {flags}".strip()
     results = []
     for name in args.configs:
         config_results = bench_config(name, CONFIGS[name], args)
@@ -257,8 +259,7 @@ def main(argv=None) -> None:
         for r in config_results:  # as each config finishes, in case a later one is cut short
             print(" | ".join(str(c) for c in table_row(r, max(peaks), datasheet)), flush=True)
         results += config_results
-        intro = (f"{common.describe_machine()}\n\nCommand: "
-                 f"`{f'python -m benchmarks.bench_train {flags}'.strip()}`; "
+        intro = (f"{common.describe_machine()}\n\nCommand: `{command}`; "
                  f"{common.malloc_note(args.default_malloc)}\n\n"
                  f"Measured {dtype.name} matmul peak: {max(peaks) / 1e9:,.1f} GFLOP/s (best of "
                  f"{len(peaks)} measurements, before and after each config)"
@@ -268,6 +269,7 @@ def main(argv=None) -> None:
         if not args.no_write:
             common.write_results_section(section, body)
     print(body)
+
 
 if __name__ == "__main__":
     main()
