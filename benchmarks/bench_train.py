@@ -187,6 +187,7 @@ def bench_config(name: str, spec: dict, args) -> list[dict]:
             times["torch nn.Transformer"], params["torch nn.Transformer"] = measured
     flops = train_step_flops(config, batch, length, length)
     results = [dict(config=name, batch=batch, framework=key, params=n_params, flops=flops,
+                    tokens=batch * 2 * length,
                     seconds=statistics.median(total for total, _ in times[key]),
                     host_seconds=statistics.median(host for _, host in times[key]))
                for key, n_params in params.items()]
@@ -198,11 +199,10 @@ def bench_config(name: str, spec: dict, args) -> list[dict]:
 
 def table_row(r: dict, peak: float, datasheet: float | None) -> list:
     """One table row of a `bench_config` result, MFU against `peak` (and `datasheet`)."""
-    tokens = r["batch"] * 2 * CONFIGS[r["config"]]["length"]
     mfu = r["flops"] / r["seconds"]
     return [r["config"], r["batch"], r["framework"], f"{r['params'] / 1e6:.1f}M",
             f"{r['seconds'] * 1e3:.2f}", f"{r['host_seconds'] * 1e3:.2f}",
-            f"{tokens / r['seconds']:,.0f}", f"{mfu / peak:.1%}",
+            f"{r['tokens'] / r['seconds']:,.0f}", f"{mfu / peak:.1%}",
             "-" if datasheet is None else f"{mfu / datasheet:.1%}",
             f"{r['vs_fastest_peer']:.2f}x"]
 

@@ -168,7 +168,7 @@ def test_bench_train_uses_the_best_peak_of_the_run(monkeypatch, capsys):
     monkeypatch.setattr(bench_train, "measured_peak_flops", lambda dtype: next(peaks))
 
     def fake_config(name, spec, args):
-        return [dict(config=name, batch=2, framework=framework, params=1e6, flops=1e9,
+        return [dict(config=name, batch=2, framework=framework, params=1e6, flops=1e9, tokens=64,
                      seconds=seconds, host_seconds=0.001, vs_fastest_peer=0.1 / seconds)
                 for framework, seconds in (("flax_transformer", 0.05), ("peer", 0.1))]
 

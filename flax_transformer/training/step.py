@@ -95,14 +95,15 @@ def make_train_step(
 
     compiled = jax.jit(split_step, donate_argnums=1)
 
+    def arguments(state: TrainState, batch: Batch):
+        return state.params, (state.step, state.opt_state, state.rng), batch
+
     def train_step_keeping_params(state: TrainState, batch: Batch):
-        (step, opt_state, rng), params, metrics = compiled(
-            state.params, (state.step, state.opt_state, state.rng), batch
-        )
+        (step, opt_state, rng), params, metrics = compiled(*arguments(state, batch))
         return TrainState(step, params, opt_state, rng), metrics
 
     def lower(state: TrainState, batch: Batch):  # as `jax.jit(...).lower`, for inspection
-        return compiled.lower(state.params, (state.step, state.opt_state, state.rng), batch)
+        return compiled.lower(*arguments(state, batch))
 
     train_step_keeping_params.lower = lower
     return train_step_keeping_params
