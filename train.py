@@ -10,6 +10,7 @@ command line overrides the preset, which overrides the dataclass default.
     python train.py --task translate --train-file pairs.tsv --workdir runs/mine
     python train.py --resume --steps 6000             # continue runs/g2p to step 6000
     python train.py --predict hello world            # pronunciations from runs/g2p
+    python train.py --evaluate --workdir runs/g2p-long --rescore-with runs/g2p-long-r2l
 """
 
 from __future__ import annotations
@@ -104,6 +105,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
                      help="delete a previous run's files in --workdir and start again")
     run.add_argument("--predict", nargs="+", metavar="TEXT", default=None,
                      help="load the latest checkpoint in --workdir and print the outputs")
+    run.add_argument("--evaluate", action="store_true",
+                     help="score the latest checkpoint in --workdir on all valid and test "
+                          "examples (decoding flags such as --beam-size apply)")
+    run.add_argument("--rescore-with", nargs="+", metavar="WORKDIR", default=None,
+                     help="with --evaluate: rerank the beam's hypotheses by the mean "
+                          "log-probability under this run's model and these runs' models "
+                          "(same task; e.g. one trained with --reverse-target)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     training = add_config_flags(parser, TrainingConfig, "training (TrainingConfig)")
     model = add_config_flags(parser, TransformerConfig, "model (TransformerConfig)",
@@ -117,7 +125,7 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
     from flax_transformer.data import available_tasks
     from flax_transformer.training.checkpoint import load_run_config
     from flax_transformer.training.config import resolve_preset
-    from flax_transformer.training.loop import predict, train
+    from flax_transformer.training.loop import evaluate_run, predict, train
 
     given = vars(args)
     training_overrides = {k: given[k] for k in training_fields if k in given}
@@ -127,9 +135,21 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(available_tasks())}")
     workdir = args.workdir or f"runs/{task or TrainingConfig.task}"
 
+    decoding = {k: v for k, v in training_overrides.items()
+                if k in ("decode", "beam_size", "length_penalty", "eval_batch_size")}
+    if args.rescore_with is not None and not args.evaluate:
+        raise ValueError("--rescore-with works with --evaluate; add --evaluate")
+    if args.evaluate:
+        if args.predict is not None or args.resume:
+            raise ValueError("--evaluate cannot be combined with --predict or --resume")
+        results = evaluate_run(workdir, rescore_with=args.rescore_with or (),
+                               config_overrides=decoding)
+        for split, scores in results.items():
+            line = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "num_examples")
+            print(f"{split} ({scores['num_examples']:.0f} examples): {line}")
+        return 0
+
     if args.predict is not None:
-        decoding = {k: v for k, v in training_overrides.items()
-                    if k in ("decode", "beam_size", "length_penalty")}
         for text, output in zip(args.predict, predict(workdir, args.predict,
                                                       config_overrides=decoding)):
             print(f"{text}\t{output}")

@@ -51,6 +51,23 @@ def test_end_to_end_on_copy_then_predict(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("a b c\t")
 
+    # --evaluate scores the latest checkpoint on every valid and test example.
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert train_cli.main(["--evaluate", "--workdir", str(workdir)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["valid", "test"]
+    expected = f"sequence_accuracy {summary['test']['sequence_accuracy']:.4f}"
+    assert lines[1].startswith("test (48 examples): " + expected), lines[1]
+    assert train_cli.main(["--evaluate", "--workdir", str(workdir), "--rescore-with",
+                           str(workdir), "--decode", "beam", "--beam-size", "2"]) == 0
+    assert "test (48 examples): sequence_accuracy" in capsys.readouterr().out
+    _one_error_line(capsys, ["--evaluate", "--workdir", str(workdir), "--rescore-with",
+                             str(workdir)], "add --decode beam")
+    _one_error_line(capsys, ["--workdir", str(workdir), "--rescore-with", str(workdir)],
+                    "add --evaluate")
+    _one_error_line(capsys, ["--evaluate", "--workdir", str(workdir), "--decode", "beam",
+                             "--rescore-with", str(tmp_path / "nothing")], "no config.json")
+
     # --resume with more steps continues the same run from its last checkpoint.
     assert train_cli.main(SMALL + ["--workdir", str(workdir), "--resume", "--steps", "14"]) == 0
     assert "done: 14 steps" in capsys.readouterr().out
@@ -99,6 +116,7 @@ def test_resume_and_predict_without_checkpoint(capsys, tmp_path):
                     "no config.json")
     _one_error_line(capsys, ["--task", "copy", "--predict", "a", "--workdir", str(tmp_path)],
                     "no config.json")
+    _one_error_line(capsys, ["--evaluate", "--workdir", str(tmp_path)], "no config.json")
 
 
 def test_bad_flag_value_is_one_line(capsys):

@@ -11,6 +11,8 @@ from flax_transformer.data.batching import (
     bucket_lengths_for,
     fit_to_length,
     make_batches,
+    reverse_targets,
+    reverse_tokens,
 )
 from flax_transformer.data.subword import SubwordTokenizer
 from flax_transformer.data.tasks import (
@@ -46,4 +48,6 @@ __all__ = [
     "make_batches",
     "register_task",
     "restore_task",
+    "reverse_targets",
+    "reverse_tokens",
 ]

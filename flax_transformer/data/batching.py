@@ -86,6 +86,20 @@ def fit_to_length(examples: Sequence[Example], max_len: int) -> tuple[list[Examp
     return out, cut
 
 
+def reverse_tokens(ids: Sequence[int]) -> list[int]:
+    """The tokens before the first eos in reverse order, then the rest as it was:
+    ``[a, b, c, eos, pad]`` -> ``[c, b, a, eos, pad]``. Its own inverse (right-to-left targets)."""
+    ids = [int(i) for i in ids]
+    end = ids.index(EOS_ID) if EOS_ID in ids else len(ids)
+    return ids[:end][::-1] + ids[end:]
+
+
+def reverse_targets(examples: Sequence[Example]) -> list[Example]:
+    """Examples whose targets read right to left (``refs`` unchanged: they score the output
+    once it is put back in order with ``reverse_tokens``)."""
+    return [Example(e.src, reverse_tokens(e.tgt), e.refs) for e in examples]
+
+
 class _Buckets:
     """Examples packed into one padded array triple per bucket (plus an all-pad row at -1)."""
 

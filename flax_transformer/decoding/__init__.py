@@ -1,6 +1,7 @@
 """Inference: greedy, sampled and beam-search decoding with a key/value cache.
 
     from flax_transformer.decoding import greedy_decode, sample_decode, beam_search
+    from flax_transformer.decoding import sequence_log_probs   # score given targets
 
 The encoder runs once per input; the decoder runs one token per step on explicit cache state
 (`Transformer.init_cache` / `Transformer.decode_step`), inside one `jax.jit`-compiled
@@ -10,7 +11,8 @@ after it, trimmed to the longest row (L <= max_len). Pad and bos are never gener
 """
 
 from .beam import beam_search, gnmt_length_penalty
+from .score import sequence_log_probs
 from .search import filter_logits, greedy_decode, sample_decode
 
 __all__ = ["beam_search", "filter_logits", "gnmt_length_penalty", "greedy_decode",
-           "sample_decode"]
+           "sample_decode", "sequence_log_probs"]

@@ -34,6 +34,9 @@ class TrainingConfig(ConfigMethods):
     `eval_examples` caps the validation examples decoded for the task metric (0: all).
     `corpus` picks the translate task's built-in corpus ("bible", the default, or
     "trans-de-en"); `train_file`/`valid_file`/`test_file` give your own TSV instead.
+    `reverse_target` trains the model to emit each target right to left (the tokens before
+    eos reversed); its outputs are put back in order before scoring and printing. Such a
+    model can rescore another's n-best list (`train.py --evaluate --rescore-with`).
     """
 
     task: str = "g2p"
@@ -61,6 +64,7 @@ class TrainingConfig(ConfigMethods):
     decode: str = "greedy"
     beam_size: int = 4
     length_penalty: float = 0.6
+    reverse_target: bool = False
     eval_batch_size: int = 256
     eval_examples: int = 1000
     max_examples: int | None = None
@@ -83,6 +87,8 @@ class TrainingConfig(ConfigMethods):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.reverse_target, bool):
+            raise ValueError(f"reverse_target must be True or False, got {self.reverse_target!r}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples must be >= 1 (or unset), got {self.max_examples}")
         if not self.task or not isinstance(self.task, str):

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ..data import Example, Task, fit_to_length, make_batches
+from ..data import Example, Task, fit_to_length, make_batches, reverse_targets, reverse_tokens
 from .config import TrainingConfig
 from .loss import summarize
 from .step import batch_arrays
@@ -32,14 +32,20 @@ def eval_buckets(examples: Sequence[Example], train_buckets: Sequence[int],
 
 
 class EvalSet:
-    """One split prepared once: fixed-shape loss batches and decoding batches."""
+    """One split prepared once: fixed-shape loss batches and decoding batches.
+
+    `reverse_target`: the batches hold the targets right to left (for a model trained that
+    way, `TrainingConfig.reverse_target`); `examples` keep them in order for scoring."""
 
     def __init__(self, examples: Sequence[Example], train_buckets: Sequence[int],
-                 max_len: int, batch_size: int):
+                 max_len: int, batch_size: int, reverse_target: bool = False):
         if not examples:
             raise ValueError("an evaluation split is empty; give it some examples")
         self.examples = list(examples)
+        self.reverse_target = reverse_target
         fitted, self.buckets, self.cut = eval_buckets(self.examples, train_buckets, max_len)
+        if reverse_target:
+            fitted = reverse_targets(fitted)
         self.batches = [
             (batch_arrays(b), b.example_ids)
             for b in make_batches(fitted, batch_size, bucket_lengths=self.buckets,
@@ -78,13 +84,15 @@ def decode_batch(model, src: np.ndarray, config: TrainingConfig,
 
 
 def decode_examples(model, eval_set: EvalSet, config: TrainingConfig) -> list[list[int]]:
-    """Predictions (token ids) for every example of `eval_set`, in its order."""
+    """Predictions (token ids, in reading order) for every example of `eval_set`, in its
+    order."""
     predictions: list[list[int]] = [[] for _ in range(len(eval_set))]
     for arrays, ids in eval_set.batches:
         tokens = decode_batch(model, arrays["src"], config)
         for row, index in enumerate(ids):
             if index >= 0:
-                predictions[index] = tokens[row].tolist()
+                row_ids = tokens[row].tolist()
+                predictions[index] = reverse_tokens(row_ids) if config.reverse_target else row_ids
     return predictions
 
 
@@ -120,4 +128,6 @@ def predict_texts(model, task: Task, texts: Sequence[str], config: TrainingConfi
     for row, ids in enumerate(encoded):
         src[row, : len(ids)] = ids
     tokens = decode_batch(model, src, config)
+    if config.reverse_target:
+        return [task.decode_target(reverse_tokens(row)) for row in tokens]
     return [task.decode_target(row.tolist()) for row in tokens]

@@ -1,5 +1,6 @@
 """`train(...)`: the whole run behind `train.py` - data, model, steps, validation, checkpoints,
-metrics, the final test report - and `predict(...)` from a finished work directory."""
+metrics, the final test report - and `predict(...)` / `evaluate_run(...)` from a finished work
+directory."""
 
 from __future__ import annotations
 
@@ -7,13 +8,21 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from ..config import TransformerConfig
-from ..data import Task, batch_stream, fit_to_length, load_task, restore_task
+from ..data import (
+    Task,
+    batch_stream,
+    fit_to_length,
+    load_task,
+    restore_task,
+    reverse_targets,
+)
 from .buckets import optimal_bucket_lengths
 from .checkpoint import (
     CHECKPOINT_DIR,
@@ -25,10 +34,11 @@ from .checkpoint import (
     tokenizer_dir,
 )
 from .config import TrainingConfig
-from .evaluate import EvalSet, evaluate, predict_texts
+from .evaluate import EvalSet, decode_examples, evaluate, predict_texts
 from .loss import summarize
 from .metrics import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, MetricsWriter, plot_curves
 from .optim import learning_rate_at, make_optimizer
+from .rescore import Scorer, check_same_tokenizers, rescored_predictions
 from .state import count_params, init_model, init_train_state
 from .step import batch_arrays, make_eval_step, make_train_step, sum_metrics
 
@@ -98,6 +108,8 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
                                         tgt_vocab_size=task.tgt_vocab_size)
     max_len = model_config.max_len
     train_examples, cut = fit_to_length(task.train, max_len)
+    if config.reverse_target:
+        train_examples = reverse_targets(train_examples)
     buckets = optimal_bucket_lengths(train_examples, config.num_buckets, max_len)
 
     parts, params = init_model(model_config, config.seed)
@@ -119,13 +131,13 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
 
     train_step = make_train_step(parts, tx, label_smoothing=config.label_smoothing)
     eval_step = make_eval_step(parts, label_smoothing=config.label_smoothing)
-    batch_size = config.eval_batch_size
+    eval_options = dict(batch_size=config.eval_batch_size, reverse_target=config.reverse_target)
     valid_set = valid_decode = None
     if task.valid:
-        valid_set = EvalSet(task.valid, buckets, max_len, batch_size)
+        valid_set = EvalSet(task.valid, buckets, max_len, **eval_options)
         limit = config.eval_examples or len(task.valid)
         valid_decode = (valid_set if limit >= len(task.valid)
-                        else EvalSet(task.valid[:limit], buckets, max_len, batch_size))
+                        else EvalSet(task.valid[:limit], buckets, max_len, **eval_options))
     metric = task.metric_name
     writer = MetricsWriter(workdir, start_step=start_step)
     stream = batch_stream(train_examples, config.batch_size, config.seed, start_step,
@@ -177,7 +189,7 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
 
     test_results: dict[str, float] = {}
     if task.test:
-        test_set = EvalSet(task.test, buckets, max_len, batch_size)
+        test_set = EvalSet(task.test, buckets, max_len, **eval_options)
         model = parts.model(state.params)
         test_results = evaluate(model, eval_step, state.params, test_set, test_set, task, config)
         writer.write("test", final_step, test_results)
@@ -224,3 +236,46 @@ def predict(workdir: str | Path, texts: list[str], *,
     if config_overrides:
         config = config.replace(**config_overrides)
     return predict_texts(model, task, texts, config)
+
+
+def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = (),
+                 config_overrides: dict[str, Any] | None = None,
+                 splits: Sequence[str] = ("valid", "test")) -> dict[str, dict[str, float]]:
+    """The task metric of the latest checkpoint in `workdir` on every example of `splits`,
+    decoded as the run's config says (`decode`, `beam_size`, ... may be overridden).
+
+    rescore_with: work directories of other runs of the same task (e.g. one trained with
+    `reverse_target`) whose models rerank the beam's hypotheses (see `rescore.py`).
+    Returns {split: metrics}; a split without examples is left out.
+    """
+    model, _, config = load_for_prediction(workdir)
+    if config_overrides:
+        config = config.replace(**config_overrides)
+    if rescore_with and config.decode != "beam":
+        raise ValueError("--rescore-with reranks the beam's hypotheses: add --decode beam")
+    task = build_task(config, tokenizer_dir(workdir))
+    max_len = model.config.max_len
+    scorers = []
+    for other in rescore_with:
+        other_model, other_task, other_config = load_for_prediction(other)
+        check_same_tokenizers(task, other_task, f"rescoring run {other}")
+        if other_model.config.max_len < max_len:
+            raise ValueError(f"rescoring run {other}: its model's max_len "
+                             f"{other_model.config.max_len} is below the decoding model's "
+                             f"{max_len}, so it cannot score every hypothesis")
+        scorers.append(Scorer(other_model, other_config.reverse_target))
+    train_examples, _ = fit_to_length(task.train, max_len)
+    buckets = optimal_bucket_lengths(train_examples, config.num_buckets, max_len)
+    results: dict[str, dict[str, float]] = {}
+    for split in splits:
+        examples = task.split(split)
+        if not examples:
+            continue
+        eval_set = EvalSet(examples, buckets, max_len, config.eval_batch_size,
+                           reverse_target=config.reverse_target)
+        start = time.perf_counter()
+        predictions = (rescored_predictions(model, scorers, eval_set, config) if scorers
+                       else decode_examples(model, eval_set, config))
+        scores = {k: float(v) for k, v in task.score(predictions, examples).items()}
+        results[split] = {**scores, "decode_seconds": time.perf_counter() - start}
+    return results
