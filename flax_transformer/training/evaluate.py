@@ -42,7 +42,6 @@ class EvalSet:
         if not examples:
             raise ValueError("an evaluation split is empty; give it some examples")
         self.examples = list(examples)
-        self.reverse_target = reverse_target
         fitted, self.buckets, self.cut = eval_buckets(self.examples, train_buckets, max_len)
         if reverse_target:
             fitted = reverse_targets(fitted)

@@ -56,7 +56,6 @@ def rescored_predictions(model, scorers: Sequence[Scorer], eval_set: EvalSet,
         raise ValueError("rescoring reranks the beam's hypotheses: use decode='beam' "
                          "(--decode beam)")
     alpha = config.length_penalty
-    members = [Scorer(model, config.reverse_target), *scorers]
     predictions: list[list[int]] = [[] for _ in range(len(eval_set))]
     for arrays, ids in eval_set.batches:
         src = arrays["src"]
@@ -70,13 +69,14 @@ def rescored_predictions(model, scorers: Sequence[Scorer], eval_set: EvalSet,
         if config.reverse_target:
             hyps = _reversed_rows(hyps)  # reading order
         sources = np.repeat(src, k, axis=0)
-        total = np.zeros(rows * k, np.float64)
-        for member in members:
-            targets = _reversed_rows(hyps) if member.reverse_target else hyps
-            total += sequence_log_probs(member.model, sources, targets)
-        lengths = (hyps != PAD_ID).sum(axis=1)
-        combined = total / (len(members) * gnmt_length_penalty(lengths, alpha))
-        combined[~np.isfinite(beam_scores.reshape(-1))] = -np.inf  # empty beam slots
+        penalty = gnmt_length_penalty((hyps != PAD_ID).sum(axis=1), alpha)
+        # The decoding model's log-probabilities are the beam's scores times their penalty
+        # (-inf for empty beam slots, which keeps them out); the partners score each hypothesis.
+        total = beam_scores.reshape(-1).astype(np.float64) * penalty
+        for scorer in scorers:
+            targets = _reversed_rows(hyps) if scorer.reverse_target else hyps
+            total += sequence_log_probs(scorer.model, sources, targets)
+        combined = total / ((1 + len(scorers)) * penalty)
         best = combined.reshape(rows, k).argmax(axis=1)
         chosen = trim(hyps.reshape(rows, k, width)[np.arange(rows), best])
         for row, index in enumerate(ids):
