@@ -11,6 +11,11 @@ command line overrides the preset, which overrides the dataclass default.
     python train.py --resume --steps 6000             # continue runs/g2p to step 6000
     python train.py --predict hello world            # pronunciations from runs/g2p
     python train.py --evaluate --workdir runs/g2p-long --rescore-with runs/g2p-long-r2l
+    python train.py --init-from runs/g2p-long --reverse-target --steps 12000 --lr-cycles 1 \
+        --workdir runs/g2p-long-r2l         # fine-tune: starts from another run's weights
+
+With --init-from WORKDIR the model settings, and unless --task or --preset is given the task
+and training settings too, are that run's; its tokenizers are reused.
 """
 
 from __future__ import annotations
@@ -164,6 +169,14 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
         if changed:
             raise ValueError(f"model setting(s) {changed} cannot change when resuming; drop "
                              "them or train in a new --workdir")
+        config = config.replace(**training_overrides)
+    elif training_overrides.get("init_from") is not None:
+        # Fine-tuning: the model is the other run's; so are the task and training settings
+        # unless --task or --preset names others. Flags override either.
+        model_config, config = load_run_config(training_overrides["init_from"])
+        if args.preset is not None or task is not None:
+            config = resolve_preset(args.preset, task)[1]
+        model_config = model_config.replace(**model_overrides)
         config = config.replace(**training_overrides)
     else:
         model_config, config = resolve_preset(args.preset, task)

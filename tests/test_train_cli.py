@@ -137,3 +137,22 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: unknown task 'nope'; known tasks: copy, g2p, reverse, translate"
     ]
+
+
+def test_init_from_takes_the_other_runs_model_and_settings(capsys, tmp_path):
+    source, tuned = tmp_path / "source", tmp_path / "tuned"
+    assert train_cli.main(SMALL + ["--steps", "4", "--d-model", "32", "--d-ff", "48",
+                                   "--seed", "3", "--workdir", str(source)]) == 0
+    capsys.readouterr()
+    # No --task, --preset or model flags: all of it comes from the source run.
+    assert train_cli.main(["--init-from", str(source), "--steps", "2", "--no-progress",
+                           "--workdir", str(tuned)]) == 0
+    assert f"from {source} (its step 4), starting at step 0 of 2" in capsys.readouterr().out
+    config = json.loads((tuned / "config.json").read_text())
+    assert config["model"]["d_model"] == 32 and config["model"]["d_ff"] == 48
+    assert config["training"]["task"] == "copy" and config["training"]["seed"] == 3
+    assert config["training"]["steps"] == 2 and config["training"]["init_from"] == str(source)
+    _one_error_line(capsys, ["--init-from", str(source), "--d-model", "64",
+                             "--workdir", str(tmp_path / "wide")], "d_model 32 there vs 64")
+    _one_error_line(capsys, ["--init-from", str(tmp_path / "none"), "--workdir", str(tuned)],
+                    "no config.json")

@@ -37,6 +37,9 @@ class TrainingConfig(ConfigMethods):
     `reverse_target` trains the model to emit each target right to left (the tokens before
     eos reversed); its outputs are put back in order before scoring and printing. Such a
     model can rescore another's n-best list (`train.py --evaluate --rescore-with`).
+    `init_from` names another run's work directory: its latest parameters start this run
+    (fine-tuning; e.g. a right-to-left model from a left-to-right one) and its tokenizers are
+    reused; the step, the optimizer state, the data order and dropout start afresh.
     """
 
     task: str = "g2p"
@@ -65,6 +68,7 @@ class TrainingConfig(ConfigMethods):
     beam_size: int = 4
     length_penalty: float = 0.6
     reverse_target: bool = False
+    init_from: str | None = None
     eval_batch_size: int = 256
     eval_examples: int = 1000
     max_examples: int | None = None
@@ -89,6 +93,9 @@ class TrainingConfig(ConfigMethods):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if not isinstance(self.reverse_target, bool):
             raise ValueError(f"reverse_target must be True or False, got {self.reverse_target!r}")
+        if self.init_from is not None and (not isinstance(self.init_from, str)
+                                           or not self.init_from.strip()):
+            raise ValueError(f"init_from must be a run's work directory, got {self.init_from!r}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples must be >= 1 (or unset), got {self.max_examples}")
         if not self.task or not isinstance(self.task, str):

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import TransformerConfig
@@ -91,11 +93,18 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     """
     started = time.perf_counter()
     workdir = Path(workdir)
+    init_from = None if resume or config.init_from is None else Path(config.init_from)
+    if init_from is not None:
+        if init_from.absolute().resolve() == workdir.absolute().resolve():
+            raise ValueError(f"init_from={config.init_from!r} is this run's own workdir; use "
+                             "--resume to continue it, or train in another --workdir")
+        load_run_config(init_from)  # before anything is deleted: NoCheckpointError if no run
     if overwrite and not resume:
         clear_run(workdir)
     if resume and not (workdir / CONFIG_FILE).is_file():
         load_run_config(workdir)  # raises NoCheckpointError with the explanation
-    task = build_task(config, tokenizer_dir(workdir) if resume else None)
+    saved_tokenizers = workdir if resume else init_from
+    task = build_task(config, None if saved_tokenizers is None else tokenizer_dir(saved_tokenizers))
     checkpointer = Checkpointer(workdir, config.keep_checkpoints, create=not resume)
     latest = checkpointer.latest_step()
     if not resume and latest is not None:
@@ -113,6 +122,10 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     buckets = optimal_bucket_lengths(train_examples, config.num_buckets, max_len)
 
     parts, params = init_model(model_config, config.seed)
+    origin = "starting at"
+    if init_from is not None:
+        params, source_step = pretrained_params(init_from, model_config, params)
+        origin = f"from {init_from} (its step {source_step}), starting at"
     tx, schedule = make_optimizer(config, model_config.d_model)
     state = init_train_state(params, tx, config.seed)
     if resume:
@@ -127,7 +140,7 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
          f"buckets {buckets}")
     _say(f"model: {count_params(state.params):,} parameters, d_model {model_config.d_model}, "
          f"{model_config.num_encoder_layers}+{model_config.num_decoder_layers} layers; "
-         f"{'resuming at' if resume else 'starting at'} step {start_step} of {config.steps}")
+         f"{'resuming at' if resume else origin} step {start_step} of {config.steps}")
 
     train_step = make_train_step(parts, tx, label_smoothing=config.label_smoothing)
     eval_step = make_eval_step(parts, label_smoothing=config.label_smoothing)
@@ -213,9 +226,9 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     return summary
 
 
-def load_for_prediction(workdir: str | Path):
-    """(model in eval mode, task with its tokenizers, training config) from the latest
-    checkpoint in `workdir`; raises NoCheckpointError if there is none."""
+def latest_state(workdir: str | Path):
+    """(ModelParts, TrainState, model config, training config) of the latest checkpoint in
+    `workdir`; raises NoCheckpointError if there is none."""
     model_config, config = load_run_config(workdir)
     checkpointer = Checkpointer(workdir, config.keep_checkpoints, create=False)
     try:
@@ -224,6 +237,32 @@ def load_for_prediction(workdir: str | Path):
         state = checkpointer.restore(init_train_state(params, tx, config.seed))
     finally:
         checkpointer.close()
+    return parts, state, model_config, config
+
+
+def pretrained_params(workdir: str | Path, model_config: TransformerConfig, params):
+    """(parameters, step) of the latest checkpoint in `workdir`, for a run of `model_config`
+    whose freshly initialised `params` they replace (`TrainingConfig.init_from`).
+
+    Raises ValueError naming the model settings that differ when the shapes do not match."""
+    _, state, source_config, _ = latest_state(workdir)
+    fits = jax.tree.structure(params) == jax.tree.structure(state.params) and all(
+        np.shape(a) == np.shape(b)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)))
+    if not fits:
+        differ = [f"{name} {getattr(source_config, name)} there vs {getattr(model_config, name)}"
+                  for name in source_config.to_dict()
+                  if getattr(source_config, name) != getattr(model_config, name)]
+        raise ValueError(f"init_from={str(workdir)!r}: that run's parameters do not fit this "
+                         f"model ({'; '.join(differ) or 'a different structure'}); use the "
+                         "same model settings as that run (train.py takes them from it)")
+    return state.params, int(state.step)
+
+
+def load_for_prediction(workdir: str | Path):
+    """(model in eval mode, task with its tokenizers, training config) from the latest
+    checkpoint in `workdir`; raises NoCheckpointError if there is none."""
+    parts, state, _, config = latest_state(workdir)
     task = restore_task(tokenizer_dir(workdir))
     return parts.model(state.params), task, config
 
