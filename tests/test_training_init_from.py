@@ -52,10 +52,8 @@ def test_a_run_starts_from_the_other_runs_parameters(source_run, tmp_path):
     config = _config(steps=2, learning_rate=1e-12, seed=5, init_from=str(source_run))
     summary = train(MODEL, config, tmp_path / "tuned", progress=False)
     assert summary["start_step"] == 0 and summary["steps"] == 2  # a fresh step count
+    # (a fresh initialisation differs from the source's by > 0.01: the test above)
     assert _max_difference(_params(tmp_path / "tuned"), _params(source_run)) < 1e-6
-    fresh = train(MODEL, config.replace(init_from=None), tmp_path / "fresh", progress=False)
-    assert fresh["steps"] == 2
-    assert _max_difference(_params(tmp_path / "fresh"), _params(source_run)) > 0.01
 
 
 def test_fine_tuning_continues_to_learn(source_run, tmp_path):
