@@ -14,8 +14,8 @@ command line overrides the preset, which overrides the dataclass default.
     python train.py --init-from runs/g2p-long --reverse-target --steps 12000 --lr-cycles 1 \
         --workdir runs/g2p-long-r2l         # fine-tune: starts from another run's weights
 
-With --init-from WORKDIR the model settings, and unless --task or --preset is given the task
-and training settings too, are that run's; its tokenizers are reused.
+With --init-from WORKDIR the model settings, the task and (unless --preset names others) the
+training settings are that run's; its tokenizers are reused.
 """
 
 from __future__ import annotations
@@ -172,7 +172,8 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
         config = config.replace(**training_overrides)
     elif training_overrides.get("init_from") is not None:
         # Fine-tuning: the model is the other run's; so are the task and training settings
-        # unless --task or --preset names others. Flags override either.
+        # unless --task or --preset names others (train() refuses another task). Flags
+        # override either.
         model_config, config = load_run_config(training_overrides["init_from"])
         if args.preset is not None or task is not None:
             config = resolve_preset(args.preset, task)[1]

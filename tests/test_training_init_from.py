@@ -97,6 +97,13 @@ def test_a_different_architecture_is_refused_by_name(source_run, tmp_path):
               tmp_path / "wide", progress=False)
 
 
+def test_a_different_task_is_refused(source_run, tmp_path):
+    with pytest.raises(ValueError, match="learned task 'copy', this run is 'reverse'"):
+        train(MODEL, _config(task="reverse", init_from=str(source_run)), tmp_path / "r",
+              progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_init_from_its_own_workdir_is_refused_and_deletes_nothing(source_run):
     before = sorted(p.name for p in source_run.iterdir())
     with pytest.raises(ValueError, match="own workdir"):

@@ -37,9 +37,10 @@ class TrainingConfig(ConfigMethods):
     `reverse_target` trains the model to emit each target right to left (the tokens before
     eos reversed); its outputs are put back in order before scoring and printing. Such a
     model can rescore another's n-best list (`train.py --evaluate --rescore-with`).
-    `init_from` names another run's work directory: its latest parameters start this run
-    (fine-tuning; e.g. a right-to-left model from a left-to-right one) and its tokenizers are
-    reused; the step, the optimizer state, the data order and dropout start afresh.
+    `init_from` names another run's work directory, of the same task: its latest parameters
+    start this run (fine-tuning; e.g. a right-to-left model from a left-to-right one) and its
+    tokenizers are reused; the step, the optimizer state, the data order and dropout start
+    afresh.
     """
 
     task: str = "g2p"

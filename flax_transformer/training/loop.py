@@ -98,7 +98,12 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
         if init_from.absolute().resolve() == workdir.absolute().resolve():
             raise ValueError(f"init_from={config.init_from!r} is this run's own workdir; use "
                              "--resume to continue it, or train in another --workdir")
-        load_run_config(init_from)  # before anything is deleted: NoCheckpointError if no run
+        # Before anything is deleted: NoCheckpointError if there is no run there.
+        source_task = load_run_config(init_from)[1].task
+        if source_task != config.task:
+            raise ValueError(f"init_from={config.init_from!r} learned task {source_task!r}, this "
+                             f"run is {config.task!r}; start from a run of the same task (its "
+                             "tokenizers and vocabulary come along)")
     if overwrite and not resume:
         clear_run(workdir)
     if resume and not (workdir / CONFIG_FILE).is_file():
