@@ -95,7 +95,7 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     workdir = Path(workdir)
     init_from = None if resume or config.init_from is None else Path(config.init_from)
     if init_from is not None:
-        if init_from.absolute().resolve() == workdir.absolute().resolve():
+        if init_from.resolve() == workdir.resolve():  # resolve() makes both absolute
             raise ValueError(f"init_from={config.init_from!r} is this run's own workdir; use "
                              "--resume to continue it, or train in another --workdir")
         # Before anything is deleted: NoCheckpointError if there is no run there.
