@@ -3,12 +3,44 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Self
+
+import numpy as np
 
 from .kernels import ACTIVATIONS, IMPLEMENTATIONS
 
 NORMS = ("post", "pre")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def as_positive_int(name: str, value: Any) -> int:
+    """`value` as a Python int (NumPy integers accepted); ValueError unless an integer >= 1."""
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+            or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def as_finite_float(name: str, value: Any) -> float:
+    """`value` as a Python float (ints and NumPy numbers accepted); ValueError unless a finite
+    real number (not a bool or a string)."""
+    numbers = (int, float, np.integer, np.floating)
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers)
+            or not math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite float (or int), got {value!r}")
+    return float(value)
+
+
+def as_bool(name: str, value: Any) -> bool:
+    """`value` as a Python bool (NumPy bools accepted); ValueError for anything else (1, "yes")."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+# Type checks (and conversion to plain Python values) by field annotation.
+FIELD_TYPES = {"int": as_positive_int, "float": as_finite_float, "bool": as_bool}
 
 
 class ConfigMethods:
@@ -70,12 +102,10 @@ class TransformerConfig(ConfigMethods):
     remat: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "d_ff",
-                     "num_encoder_layers", "num_decoder_layers", "max_len",
-                     "attention_block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for field in dataclasses.fields(self):
+            if field.type in FIELD_TYPES:  # every int field is a size or count: >= 1
+                value = FIELD_TYPES[field.type](field.name, getattr(self, field.name))
+                object.__setattr__(self, field.name, value)  # frozen: plain int/float/bool
         if self.src_vocab_size < 4 or self.tgt_vocab_size < 4:
             raise ValueError(
                 "src_vocab_size and tgt_vocab_size must be >= 4 (ids 0-3 are pad, bos, eos, unk), "
@@ -93,7 +123,9 @@ class TransformerConfig(ConfigMethods):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         if self.layer_norm_epsilon <= 0:
-            raise ValueError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+            raise ValueError(
+                f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}; e.g. 1e-6"
+            )
         choices = {"norm": NORMS, "activation": tuple(ACTIVATIONS),
                    "dtype": DTYPES, "param_dtype": DTYPES, "attention_impl": IMPLEMENTATIONS}
         for name, allowed in choices.items():

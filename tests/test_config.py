@@ -1,4 +1,5 @@
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -57,11 +58,37 @@ def test_round_trip_through_dict():
         (dict(share_embeddings=True, src_vocab_size=40), "share_embeddings=True needs"),
         (dict(attention_dropout_rate=0.1, attention_impl="xla"), "attention_impl='vmap'"),
         (dict(d_modle=8), r"unknown TransformerConfig field\(s\) \['d_modle'\]"),
+        (dict(tie_output="yes"), "tie_output must be True or False, got 'yes'"),
+        (dict(share_embeddings=None), "share_embeddings must be True or False"),
+        (dict(remat=1), "remat must be True or False, got 1"),
+        (dict(layer_norm_epsilon=float("nan")), "layer_norm_epsilon must be a finite float"),
+        (dict(layer_norm_epsilon=float("inf")), "layer_norm_epsilon must be a finite float"),
+        (dict(layer_norm_epsilon=0.0), "layer_norm_epsilon must be > 0"),
+        (dict(layer_norm_epsilon=-1e-6), "layer_norm_epsilon must be > 0"),
+        (dict(dropout_rate="0.1"), "dropout_rate must be a finite float"),
+        (dict(dropout_rate=float("nan")), "dropout_rate must be a finite float"),
+        (dict(attention_dropout_rate=float("-inf")), "attention_dropout_rate must be a finite"),
+        (dict(dropout_rate=True), "dropout_rate must be a finite float"),
+        (dict(d_model=True), "d_model must be a positive integer"),
+        (dict(d_model=np.float64(32)), "d_model must be a positive integer"),
+        (dict(d_model="32"), "d_model must be a positive integer"),
+        (dict(num_heads=np.int64(0)), "num_heads must be a positive integer"),
     ],
 )
 def test_bad_configs_raise_value_error(overrides, match):
     with pytest.raises(ValueError, match=match):
         TransformerConfig.preset("tiny", **overrides)
+
+
+def test_numpy_scalars_are_accepted_as_plain_python_values():
+    config = TransformerConfig.preset(
+        "tiny", d_model=np.int64(32), num_heads=np.int32(4), dropout_rate=np.float32(0.25),
+        attention_dropout_rate=0, remat=np.bool_(True))
+    assert config == TransformerConfig.preset("tiny", dropout_rate=0.25, remat=True)
+    assert type(config.d_model) is int and type(config.num_heads) is int
+    assert type(config.dropout_rate) is float and type(config.attention_dropout_rate) is float
+    assert type(config.remat) is bool
+    assert TransformerConfig.from_dict(config.to_dict()) == config
 
 
 def test_unknown_preset():

@@ -7,6 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 from flax_transformer.kernels import (
+    IMPLEMENTATIONS,
     cache_layout,
     cached_attention,
     causal_mask,
@@ -227,6 +228,57 @@ def test_bad_shapes_raise_value_error(rng):
         multi_head_attention(q, k, v[:, :3])
     with pytest.raises(ValueError, match=r"\[batch, length, heads, head_dim\]"):
         multi_head_attention(q[0], k, v)
+
+
+@pytest.mark.parametrize(
+    "shapes,mask,kwargs,match",
+    [
+        (((4, 8), (6, 8), (6, 3)), ((4, 5), bool), {}, "key length is 5, expected 1 or 6"),
+        (((4, 8), (6, 8), (6, 3)), ((6, 6), bool), {}, "query length is 6, expected 1 or 4"),
+        (((4, 8), (6, 8), (6, 3)), ((1, 4, 6), bool), {}, "mask must be 2-D"),
+        (((4, 8), (6, 8), (6, 3)), ((4, 6), jnp.int32), {}, "mask must be boolean"),
+        (((4, 8), (6, 7), (6, 3)), None, {}, "q and k head_dim differ"),
+        (((4, 8), (6, 8), (5, 3)), None, {}, "k and v lengths differ"),
+        (((2, 4, 8), (6, 8), (6, 3)), None, {}, r"q must be \[length, head_dim\]"),
+        (((4, 8), (6, 8), (1, 6, 3)), None, {}, r"v must be \[length, head_dim\]"),
+        (((4, 8), (6, 8), (6, 3)), None, dict(dropout_rate=0.5), "needs a dropout_rng"),
+        (((4, 8), (6, 8), (6, 3)), None, dict(dropout_rate=1.5, dropout_rng=jax.random.key(0)),
+         r"dropout_rate must be in \[0, 1\)"),
+    ],
+)
+def test_single_head_bad_arguments_raise_value_error(rng, shapes, mask, kwargs, match):
+    q, k, v = (rng.normal(size=s).astype(np.float32) for s in shapes)
+    if mask is not None:
+        mask = jnp.ones(mask[0], mask[1])
+    with pytest.raises(ValueError, match=match):
+        single_head_attention(q, k, v, mask, **kwargs)
+
+
+def test_single_head_accepts_broadcast_masks_and_jit(rng):
+    q, k, v = (rng.normal(size=s).astype(np.float32) for s in ((4, 8), (6, 8), (6, 3)))
+    keys = jnp.asarray([True] * 4 + [False] * 2)
+    full = single_head_attention(q, k, v, jnp.broadcast_to(keys, (4, 6)))
+    np.testing.assert_allclose(single_head_attention(q, k, v, keys[None]), full, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(single_head_attention)(q, k, v, keys[None]), full,
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_every_implementation_rejects_causal_with_more_queries_than_keys(rng, impl):
+    q, k, v = random_qkv(rng, batch=2, tq=5, tk=3, heads=2)
+    with pytest.raises(ValueError, match="causal=True needs query length <= key length"):
+        multi_head_attention(q, k, v, causal=True, implementation=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.float32, np.uint8])
+def test_every_implementation_rejects_non_boolean_masks(rng, impl, dtype):
+    q, k, v = random_qkv(rng, batch=2, tq=4, tk=4, heads=2)
+    mask = np.ones((2, 1, 1, 4), dtype)
+    with pytest.raises(ValueError, match="mask must be boolean .* pass mask.astype\\(bool\\)"):
+        multi_head_attention(q, k, v, mask, implementation=impl)
+    out = multi_head_attention(q, k, v, mask.astype(bool), implementation=impl)  # the fix
+    assert relative_error(out, reference_attention(q, k, v)) < 1e-5
 
 
 def test_masks():

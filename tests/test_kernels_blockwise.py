@@ -201,3 +201,7 @@ def test_invalid_inputs_raise():
             blockwise_attention(q, k, v, block_size=bad)
     with pytest.raises(ValueError, match="mask"):
         blockwise_attention(q, k, v, jnp.ones((1, 1, 5, 4), bool))
+    with pytest.raises(ValueError, match="mask must be boolean"):
+        blockwise_attention(q, k, v, jnp.ones((1, 1, 5, 5), jnp.int32))
+    with pytest.raises(ValueError, match="causal=True needs query length <= key length"):
+        blockwise_attention(q, k[:, :3], v[:, :3], causal=True)

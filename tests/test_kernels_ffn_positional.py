@@ -44,6 +44,25 @@ def test_feed_forward_errors(rng):
         feed_forward(np.ones((2, 5), np.float32), w1, b1, w2, b2)
 
 
+@pytest.mark.parametrize(
+    "index,shape,match",
+    [
+        (1, (9,), r"b1 must have shape \(10,\) to match w1 \(6, 10\), got \(9,\)"),
+        (1, (1, 10), r"b1 must have shape \(10,\)"),
+        (3, (5,), r"b2 must have shape \(6,\) to match w2 \(10, 6\), got \(5,\)"),
+        (0, (6, 9), "shapes do not chain"),
+        (2, (9, 6), "shapes do not chain"),
+        (2, (10, 5), "shapes do not chain"),
+        (0, (6, 10, 1), r"need x \[..., D\], w1 \[D, F\], w2 \[F, D\]"),
+    ],
+)
+def test_feed_forward_bad_parameter_shapes(rng, index, shape, match):
+    params = list(ffn_params(rng))
+    params[index] = np.ones(shape, np.float32)
+    with pytest.raises(ValueError, match=match):
+        feed_forward(np.ones((2, 3, 6), np.float32), *params)
+
+
 def test_sinusoidal_positions_formula():
     pe = sinusoidal_positions(50, 16)
     assert pe.shape == (50, 16) and pe.dtype == np.float32

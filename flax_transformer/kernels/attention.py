@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from .dense import dense_attention
-from .masks import causal_mask, check_mask_shape, combine_masks
+from .masks import causal_mask, check_causal_lengths, check_mask, combine_masks
 
 IMPLEMENTATIONS = ("vmap", "xla", "dense", "blockwise")
 
@@ -37,6 +37,7 @@ def single_head_attention(
     scores = q k^T / sqrt(Dk); masked scores are excluded; softmax over keys (float32);
     optional dropout on the attention weights; output = weights v.
     """
+    check_single_head_inputs(q, k, v, mask, dropout_rate, dropout_rng)
     scale = 1.0 / math.sqrt(q.shape[-1])
     acc = jnp.promote_types(q.dtype, jnp.float32)  # float32, or float64 when inputs are
     scores = jnp.einsum("qd,kd->qk", q, k, preferred_element_type=acc) * scale
@@ -127,7 +128,45 @@ def _xla(q, k, v, mask, causal):
     return out * jnp.transpose(row_valid, (0, 2, 1))[..., None].astype(out.dtype)
 
 
-def check_attention_inputs(q, k, v, mask, implementation, dropout_rate, dropout_rng) -> None:
+def check_dropout(dropout_rate: float, dropout_rng, implementation: str = "vmap") -> None:
+    """Host-side validation of the attention-dropout arguments."""
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    if dropout_rate > 0.0:
+        if implementation == "xla":
+            raise ValueError(
+                "implementation='xla' (jax.nn.dot_product_attention) has no attention dropout; "
+                "use implementation='vmap' or set dropout_rate=0"
+            )
+        if implementation in ("dense", "blockwise"):
+            raise ValueError(
+                f"implementation={implementation!r} has no attention dropout; "
+                "use implementation='vmap' or set dropout_rate=0"
+            )
+        if dropout_rng is None:
+            raise ValueError("dropout_rate > 0 needs a dropout_rng (a jax.random key)")
+
+
+def check_single_head_inputs(q, k, v, mask, dropout_rate, dropout_rng) -> None:
+    """Host-side validation of `single_head_attention` arguments (static shapes only, so it
+    also holds per head inside the vmap of `multi_head_attention`)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 2:
+            raise ValueError(
+                f"{name} must be [length, head_dim] (one head), got {x.shape}; "
+                "use multi_head_attention for [batch, length, heads, head_dim]"
+            )
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"q and k head_dim differ: q {q.shape}, k {k.shape}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"k and v lengths differ: k {k.shape}, v {v.shape}")
+    if mask is not None:
+        check_mask(mask, (q.shape[0], k.shape[0]))
+    check_dropout(dropout_rate, dropout_rng)
+
+
+def check_attention_inputs(q, k, v, mask, implementation, dropout_rate, dropout_rng,
+                           causal: bool = False) -> None:
     """Host-side validation of `multi_head_attention` arguments (shapes only, no compute)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -150,22 +189,10 @@ def check_attention_inputs(q, k, v, mask, implementation, dropout_rate, dropout_
             "use implementation='vmap'"
         )
     if mask is not None:
-        check_mask_shape(tuple(mask.shape), (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
-    if dropout_rate > 0.0:
-        if implementation == "xla":
-            raise ValueError(
-                "implementation='xla' (jax.nn.dot_product_attention) has no attention dropout; "
-                "use implementation='vmap' or set dropout_rate=0"
-            )
-        if implementation in ("dense", "blockwise"):
-            raise ValueError(
-                f"implementation={implementation!r} has no attention dropout; "
-                "use implementation='vmap' or set dropout_rate=0"
-            )
-        if dropout_rng is None:
-            raise ValueError("dropout_rate > 0 needs a dropout_rng (a jax.random key)")
+        check_mask(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    if causal:
+        check_causal_lengths(q.shape[1], k.shape[1])
+    check_dropout(dropout_rate, dropout_rng, implementation)
 
 
 def multi_head_attention(
@@ -194,7 +221,7 @@ def multi_head_attention(
       "blockwise" online softmax over query/key blocks, memory O(T) per head; `block_size` is
                   an int b (tiles of b queries x b/2 keys) or a (query, key) pair.
     """
-    check_attention_inputs(q, k, v, mask, implementation, dropout_rate, dropout_rng)
+    check_attention_inputs(q, k, v, mask, implementation, dropout_rate, dropout_rng, causal)
     if implementation == "xla":
         if causal and q.shape[1] != k.shape[1]:
             # jax.nn aligns the causal mask top-left; ours aligns it to the end (decoding).

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .masks import check_mask_shape
+from .masks import check_causal_lengths, check_mask
 
 
 def _block_len(length: int, block_size: int) -> int:
@@ -262,6 +262,8 @@ def blockwise_attention(q, k, v, mask=None, *, causal: bool = False,
         raise ValueError(f"block_size must be an int >= 1 or a pair of them, got {block_size}")
     if mask is not None:
         mask = jnp.asarray(mask)
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape).astype(bool)
-        check_mask_shape(tuple(mask.shape), (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        check_mask(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    if causal:
+        check_causal_lengths(q.shape[1], k.shape[1])
     return _attention(q, k, v, mask, bool(causal), block_size)

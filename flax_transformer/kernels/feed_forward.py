@@ -27,6 +27,26 @@ def get_activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
         ) from None
 
 
+def check_feed_forward_shapes(x, w1, b1, w2, b2) -> None:
+    """Host-side validation of `feed_forward` parameter shapes (static shapes only)."""
+    if x.ndim < 1 or w1.ndim != 2 or w2.ndim != 2:
+        raise ValueError(
+            f"feed_forward: need x [..., D], w1 [D, F], w2 [F, D], got x {x.shape}, "
+            f"w1 {w1.shape}, w2 {w2.shape}"
+        )
+    if x.shape[-1] != w1.shape[0] or w1.shape[1] != w2.shape[0] or w2.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"feed_forward: shapes do not chain: x {x.shape}, w1 {w1.shape}, w2 {w2.shape}; "
+            "need x [..., D], w1 [D, F], w2 [F, D]"
+        )
+    for name, b, w_name, w in (("b1", b1, "w1", w1), ("b2", b2, "w2", w2)):
+        if b is not None and tuple(b.shape) != (w.shape[1],):
+            raise ValueError(
+                f"feed_forward: {name} must have shape ({w.shape[1]},) to match {w_name} "
+                f"{w.shape}, got {b.shape}"
+            )
+
+
 def feed_forward(
     x: jnp.ndarray,
     w1: jnp.ndarray,
@@ -41,10 +61,7 @@ def feed_forward(
     x: [..., D]; w1: [D, F]; b1: [F]; w2: [F, D]; b2: [D]  ->  [..., D]
     """
     act = get_activation(activation)
-    if x.shape[-1] != w1.shape[0] or w1.shape[1] != w2.shape[0]:
-        raise ValueError(
-            f"feed_forward: shapes do not chain: x {x.shape}, w1 {w1.shape}, w2 {w2.shape}"
-        )
+    check_feed_forward_shapes(x, w1, b1, w2, b2)
     h = project(x, w1)
     if b1 is not None:
         h = h + b1

@@ -46,10 +46,25 @@ def combine_masks(*masks: jnp.ndarray | None) -> jnp.ndarray | None:
     return out
 
 
-def check_mask_shape(mask_shape: tuple[int, ...], target: tuple[int, int, int, int]) -> None:
-    """Raise ValueError unless `mask_shape` broadcasts to `target` = (B, H, Tq, Tk)."""
-    names = ("batch", "heads", "query length", "key length")
-    if len(mask_shape) != 4:
+def check_mask(mask, target: tuple[int, ...]) -> None:
+    """Raise ValueError unless `mask` is boolean and its shape broadcasts to `target`."""
+    if mask.dtype != bool:
+        raise ValueError(
+            f"mask must be boolean (True = may attend), got dtype {mask.dtype}; "
+            "pass mask.astype(bool)"
+        )
+    check_mask_shape(tuple(mask.shape), target)
+
+
+def check_mask_shape(mask_shape: tuple[int, ...], target: tuple[int, ...]) -> None:
+    """Raise ValueError unless `mask_shape` broadcasts to `target`: (B, H, Tq, Tk), or (Tq, Tk)
+    for one head."""
+    names = ("batch", "heads", "query length", "key length")[-len(target):]
+    if len(mask_shape) != len(target):
+        if len(target) == 2:
+            raise ValueError(
+                f"mask must be 2-D [query_len|1, key_len|1] for one head, got shape {mask_shape}"
+            )
         raise ValueError(
             f"mask must be 4-D [batch|1, heads|1, query_len|1, key_len], got shape {mask_shape}; "
             "use padding_mask()/causal_mask() to build one"
@@ -60,3 +75,14 @@ def check_mask_shape(mask_shape: tuple[int, ...], target: tuple[int, int, int, i
                 f"mask shape {mask_shape} does not broadcast to attention shape {target}: "
                 f"{name} is {dim}, expected 1 or {want}"
             )
+
+
+def check_causal_lengths(query_length: int, key_length: int) -> None:
+    """Raise ValueError unless a causal mask fits: query_length <= key_length (the queries are
+    the last `query_length` key positions, see `causal_mask`)."""
+    if query_length > key_length:
+        raise ValueError(
+            f"causal=True needs query length <= key length (queries are the last positions of "
+            f"the keys), got query length {query_length} and key length {key_length}; "
+            "pass causal=False (e.g. for cross-attention) or give at least as many keys"
+        )
