@@ -8,7 +8,7 @@ command line overrides the preset, which overrides the dataclass default.
     python train.py --preset g2p-long --workdir runs/g2p-long
     python train.py --task translate                  # needs: pip install -e .[translate]
     python train.py --task translate --train-file pairs.tsv --workdir runs/mine
-    python train.py --resume --steps 6000             # continue runs/g2p to step 6000
+    python train.py --resume --steps 8000             # continue runs/g2p to step 8000
     python train.py --predict hello world            # pronunciations from runs/g2p
     python train.py --evaluate --workdir runs/g2p-long --rescore-with runs/g2p-long-r2l
     python train.py --init-from runs/g2p-long --reverse-target --steps 12000 --lr-cycles 1 \
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted (resume with --resume)", file=sys.stderr)
+        print("error: interrupted", file=sys.stderr)
         return 130
 
 

@@ -13,6 +13,7 @@ from flax_transformer.training import (
     TrainingConfig,
     init_model,
     init_train_state,
+    loop,
     make_eval_step,
     make_optimizer,
     make_train_step,
@@ -146,6 +147,20 @@ def _resume_run(workdir, steps, resume=False):
     return train(model, config, workdir, resume=resume, progress=False)
 
 
+def _final_state(workdir, steps):
+    model = TransformerConfig.preset("tiny", dropout_rate=0.1, max_len=32)
+    task = load_task("copy", max_examples=40)
+    model = model.replace(src_vocab_size=task.src_vocab_size, tgt_vocab_size=task.tgt_vocab_size)
+    config = TrainingConfig(task="copy", steps=steps, seed=3, lr_schedule="noam", warmup_steps=4)
+    parts, params = init_model(model, 3)
+    tx, _ = make_optimizer(config, model.d_model)
+    checkpointer = Checkpointer(workdir, create=False)
+    try:
+        return checkpointer.restore(init_train_state(params, tx, 3))
+    finally:
+        checkpointer.close()
+
+
 def test_two_n_steps_equal_n_then_resume_n(tmp_path):
     n = 6  # 40 examples / batch 8 = 5 batches per epoch: the resume crosses an epoch
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -153,25 +168,41 @@ def test_two_n_steps_equal_n_then_resume_n(tmp_path):
     _resume_run(split, n)
     summary = _resume_run(split, 2 * n, resume=True)
     assert summary["start_step"] == n and summary["steps"] == 2 * n
-
-    def final(workdir):
-        model = TransformerConfig.preset("tiny", dropout_rate=0.1, max_len=32)
-        task = load_task("copy", max_examples=40)
-        model = model.replace(src_vocab_size=task.src_vocab_size,
-                              tgt_vocab_size=task.tgt_vocab_size)
-        config = TrainingConfig(task="copy", steps=2 * n, seed=3, lr_schedule="noam",
-                                warmup_steps=4)
-        parts, params = init_model(model, 3)
-        tx, _ = make_optimizer(config, model.d_model)
-        checkpointer = Checkpointer(workdir, create=False)
-        try:
-            return checkpointer.restore(init_train_state(params, tx, 3))
-        finally:
-            checkpointer.close()
-
-    a, b = final(straight), final(split)
+    a, b = _final_state(straight, 2 * n), _final_state(split, 2 * n)
     assert int(a.step) == int(b.step) == 2 * n
     assert _leaves_equal(a, b)
+
+    # Resuming a run that has reached `steps` is refused before its saved config changes.
+    saved = (split / "config.json").read_text()
+    with pytest.raises(ValueError, match=rf"at step {2 * n}, and steps={n}: nothing to train"):
+        _resume_run(split, n, resume=True)
+    assert (split / "config.json").read_text() == saved
+
+
+def test_interrupted_run_saves_its_step_and_resumes_bitwise(tmp_path, monkeypatch):
+    """Ctrl-C between checkpoints (every 1000 steps here) keeps the steps trained so far."""
+    n = 4
+    original = loop.batch_stream
+
+    def interrupted_stream(*args, **kwargs):
+        for i, batch in enumerate(original(*args, **kwargs)):
+            if i == n:
+                raise KeyboardInterrupt
+            yield batch
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(loop, "batch_stream", interrupted_stream)
+    with pytest.raises(KeyboardInterrupt):
+        _resume_run(interrupted, 3 * n)
+    checkpointer = Checkpointer(interrupted, create=False)
+    assert checkpointer.all_steps() == [n]
+    checkpointer.close()
+    monkeypatch.setattr(loop, "batch_stream", original)
+    summary = _resume_run(interrupted, 3 * n, resume=True)
+    assert summary["start_step"] == n
+    straight = tmp_path / "straight"
+    _resume_run(straight, 3 * n)
+    assert _leaves_equal(_final_state(straight, 3 * n), _final_state(interrupted, 3 * n))
 
 
 def _tiny_state_and_batch(seed=0):
@@ -198,3 +229,33 @@ def test_kept_parameters_do_not_take_the_optimizer_state_buffers():
     step = make_train_step(parts, tx, donate_params=False)
     hlo = step.lower(state, batch).compile().as_text()
     assert _array_parameter_copies(hlo) == []
+
+
+def test_steps_refuse_bad_batches_before_they_reach_the_parameters():
+    """An id past the vocabulary would make the loss, and then every parameter, NaN."""
+    parts, tx, state, batch = _tiny_state_and_batch()
+    vocab = parts.config.tgt_vocab_size
+    train_step, eval_step = make_train_step(parts, tx), make_eval_step(parts)
+    bad = [
+        ({**batch, "tgt_out": np.where(batch["tgt_out"] == 5, vocab + 8, batch["tgt_out"])},
+         r"batch\['tgt_out'\] holds token ids in \[\d+, 40\]"),
+        ({**batch, "src": batch["src"].copy() - 10}, r"batch\['src'\] holds token ids in \[-"),
+        ({**batch, "tgt_in": batch["tgt_in"].astype(np.float32)}, "integer token ids"),
+        ({**batch, "tgt_in": batch["tgt_in"][:, :-1]}, "batch shapes do not match"),
+        ({**batch, "src": batch["src"][:2]}, "batch shapes do not match"),
+        ({k: v for k, v in batch.items() if k != "tgt_out"}, "a batch maps"),
+    ]
+    for bad_batch, message in bad:
+        with pytest.raises(ValueError, match=message):
+            train_step(state, bad_batch)
+        with pytest.raises(ValueError, match=message):
+            eval_step(state.params, bad_batch)
+    # nothing was donated by the refused calls: the state still trains, to finite values
+    state, metrics = train_step(state, batch)
+    assert np.isfinite(float(metrics["loss_sum"]))
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state.params))
+    # device arrays are checked for shape only (their ids are not read back)
+    device_batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    with pytest.raises(ValueError, match="batch shapes do not match"):
+        train_step(state, {**device_batch, "src": device_batch["src"][:2]})
+    train_step(state, device_batch)

@@ -145,6 +145,14 @@ def test_adamw_decays_matrices_only():
     (dict(accumulate_steps=8, steps=4), "accumulate_steps"),
     (dict(decode="sample"), "decode"),
     (dict(grad_clip=-1.0), "grad_clip"),
+    # NaN passes every `x <= 0` test: non-finite values are refused before training
+    (dict(learning_rate=float("nan")), "learning_rate"),
+    (dict(grad_clip=float("inf")), "grad_clip"),
+    (dict(adam_eps=float("nan")), "adam_eps"),
+    (dict(optimizer="adamw", weight_decay=float("nan")), "weight_decay"),
+    (dict(length_penalty=float("nan")), "length_penalty"),
+    (dict(label_smoothing="0.1"), "label_smoothing"),
+    (dict(max_examples=2.5), "max_examples"),
 ])
 def test_training_config_errors_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):

@@ -5,11 +5,11 @@ from .loop import predict, train
 from .loss import cross_entropy, cross_entropy_stats, token_accuracy
 from .optim import make_optimizer, make_schedule, noam_schedule
 from .state import ModelParts, TrainState, init_model, init_train_state
-from .step import make_eval_step, make_train_step
+from .step import check_batch, make_eval_step, make_train_step
 
 __all__ = [
     "RUN_PRESETS", "TASK_PRESETS", "ModelParts", "RunPreset", "TrainState", "TrainingConfig",
-    "cross_entropy", "cross_entropy_stats", "init_model", "init_train_state", "make_eval_step",
-    "make_optimizer", "make_schedule", "make_train_step", "noam_schedule", "predict",
-    "resolve_preset", "token_accuracy", "train",
+    "check_batch", "cross_entropy", "cross_entropy_stats", "init_model", "init_train_state",
+    "make_eval_step", "make_optimizer", "make_schedule", "make_train_step", "noam_schedule",
+    "predict", "resolve_preset", "token_accuracy", "train",
 ]

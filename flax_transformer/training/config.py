@@ -8,6 +8,8 @@ mask. Run presets (`RUN_PRESETS`) pair a model preset with training settings for
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 from ..config import ConfigMethods, TransformerConfig
@@ -92,6 +94,16 @@ class TrainingConfig(ConfigMethods):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("learning_rate", "min_lr_ratio", "adam_b1", "adam_b2", "adam_eps",
+                     "weight_decay", "label_smoothing", "grad_clip", "length_penalty"):
+            value = getattr(self, name)
+            if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+                    or not math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.max_examples is not None and (not isinstance(self.max_examples, int)
+                                              or isinstance(self.max_examples, bool)):
+            raise ValueError(f"max_examples must be an integer (or unset), got "
+                             f"{self.max_examples!r}")
         if not isinstance(self.reverse_target, bool):
             raise ValueError(f"reverse_target must be True or False, got {self.reverse_target!r}")
         if self.init_from is not None and (not isinstance(self.init_from, str)

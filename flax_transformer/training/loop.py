@@ -118,6 +118,12 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
             f"{workdir} already holds a run (checkpoint at step {latest}); pass --resume to "
             "continue it, --overwrite to start again, or choose another --workdir"
         )
+    if resume and latest is not None and latest >= config.steps:
+        checkpointer.close()  # before the run's saved config is rewritten
+        raise ValueError(
+            f"the run in {workdir} is at step {latest}, and steps={config.steps}: nothing to "
+            f"train; pass --steps > {latest} to continue it (or --evaluate to score it)"
+        )
     model_config = model_config.replace(src_vocab_size=task.src_vocab_size,
                                         tgt_vocab_size=task.tgt_vocab_size)
     max_len = model_config.max_len
@@ -199,6 +205,21 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
                 paused = time.perf_counter()
                 checkpointer.save(state)
                 mark += time.perf_counter() - paused
+    except KeyboardInterrupt:
+        # Keep what was trained: `state` is a whole step (the data stream and dropout masks
+        # follow from its step count), so --resume continues bitwise. Unless the interrupt
+        # came between a step's call and the assignment of its result: then the old state's
+        # donated buffers are gone and the last checkpoint is what remains.
+        intact = not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+        if intact and int(state.step) > (checkpointer.latest_step() or 0):
+            checkpointer.save(state)
+        saved = checkpointer.latest_step()
+        checkpointer.close()
+        writer.close()
+        _say("interrupted before the first checkpoint: nothing saved" if saved is None else
+             f"interrupted: the checkpoint of step {saved} is in {workdir / 'checkpoints'}; "
+             "continue with --resume")
+        raise
     finally:
         bar.close()
     final_step = int(state.step)

@@ -39,11 +39,13 @@ class TrainState(NamedTuple):
 
 
 class ModelParts(NamedTuple):
-    """The static halves of the split model: graphdefs in train and eval mode, other state."""
+    """The static halves of the split model: graphdefs in train and eval mode, other state,
+    and the model's config (the steps check their batches against it)."""
 
     train_graphdef: Any
     eval_graphdef: Any
     rest: Any
+    config: TransformerConfig
 
     def model(self, params, *, train: bool = False) -> Transformer:
         """A Transformer with `params` merged in (eval mode: dropout off)."""
@@ -66,7 +68,7 @@ def init_model(config: TransformerConfig, seed: int) -> tuple[ModelParts, Any]:
                 f"training keeps parameters in float32, got {leaf.dtype}; set "
                 "TransformerConfig.param_dtype='float32' (dtype may stay bfloat16 for compute)"
             )
-    return ModelParts(train_graphdef, eval_graphdef, rest), nnx.as_pure(params)
+    return ModelParts(train_graphdef, eval_graphdef, rest, config), nnx.as_pure(params)
 
 
 def init_train_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:

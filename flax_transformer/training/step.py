@@ -20,6 +20,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ..config import TransformerConfig
+from ..nn import check_tokens
 from .loss import cross_entropy_stats
 from .state import ModelParts, TrainState
 
@@ -32,6 +34,30 @@ def batch_arrays(batch) -> dict[str, np.ndarray]:
     if isinstance(batch, Mapping):
         return {k: np.asarray(batch[k], np.int32) for k in BATCH_KEYS}
     return {k: np.asarray(getattr(batch, k), np.int32) for k in BATCH_KEYS}
+
+
+def check_batch(batch: Batch, config: TransformerConfig) -> None:
+    """Host-side check of a step's batch before the compiled step runs: `src` [B, S] and
+    `tgt_in`, `tgt_out` [B, T] integer ids within `config.max_len` and, for NumPy arrays (what
+    the data pipeline yields), within the vocabularies (an id past the vocabulary would turn
+    the loss and then every parameter into NaN). Device arrays are not read back, which
+    would wait for the device every step: their ids are the caller's to check.
+    Raises ValueError naming the array and the fix."""
+    if not isinstance(batch, Mapping) or any(key not in batch for key in BATCH_KEYS):
+        got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"a batch maps {BATCH_KEYS} to [batch, length] token ids, got {got}; "
+                         "build it with batch_arrays()")
+    vocab = {"src": config.src_vocab_size, "tgt_in": config.tgt_vocab_size,
+             "tgt_out": config.tgt_vocab_size}
+    for name in BATCH_KEYS:
+        tokens = batch[name]
+        if isinstance(tokens, jax.Array) and not isinstance(tokens, jax.core.Tracer):
+            tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype)  # shape only
+        check_tokens(tokens, vocab[name], config.max_len, f"batch[{name!r}]")
+    src, tgt_in, tgt_out = (np.shape(batch[name]) for name in BATCH_KEYS)
+    if tgt_in != tgt_out or src[0] != tgt_in[0]:
+        raise ValueError(f"batch shapes do not match: src {src}, tgt_in {tgt_in}, tgt_out "
+                         f"{tgt_out}; tgt_in and tgt_out are [B, T] and src is [B, S]")
 
 
 def _forward_stats(model, batch: Batch, label_smoothing: float) -> dict[str, jnp.ndarray]:
@@ -47,7 +73,8 @@ def make_train_step(
     jit: bool = True,
     donate_params: bool | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jnp.ndarray]]]:
-    """One optimizer step (or micro-step under `optax.MultiSteps`) on one batch.
+    """One optimizer step (or micro-step under `optax.MultiSteps`) on one batch (checked on
+    the host first, see `check_batch`).
 
     The gradient is that of the mean label-smoothed loss per non-pad target token. Metrics:
     loss_sum, nll_sum, correct, tokens (sums over the batch) and grad_norm (before clipping).
@@ -83,7 +110,14 @@ def make_train_step(
     if donate_params is None:
         donate_params = jax.default_backend() != "cpu"
     if donate_params:
-        return jax.jit(train_step, donate_argnums=0)
+        donating = jax.jit(train_step, donate_argnums=0)
+
+        def checked_train_step(state: TrainState, batch: Batch):
+            check_batch(batch, parts.config)
+            return donating(state, batch)
+
+        checked_train_step.lower = donating.lower
+        return checked_train_step
 
     def split_step(params, donated, batch):
         step, opt_state, rng = donated
@@ -99,6 +133,7 @@ def make_train_step(
         return state.params, (state.step, state.opt_state, state.rng), batch
 
     def train_step_keeping_params(state: TrainState, batch: Batch):
+        check_batch(batch, parts.config)
         (step, opt_state, rng), params, metrics = compiled(*arguments(state, batch))
         return TrainState(step, params, opt_state, rng), metrics
 
@@ -118,7 +153,15 @@ def make_eval_step(
         model = nnx.merge(parts.eval_graphdef, params, parts.rest)
         return _forward_stats(model, batch, label_smoothing)
 
-    return jax.jit(eval_step) if jit else eval_step
+    if not jit:
+        return eval_step
+    compiled = jax.jit(eval_step)
+
+    def checked_eval_step(params, batch: Batch):
+        check_batch(batch, parts.config)
+        return compiled(params, batch)
+
+    return checked_eval_step
 
 
 def sum_metrics(metrics: list[dict[str, Any]]) -> dict[str, float]:
