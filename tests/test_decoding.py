@@ -77,6 +77,26 @@ def test_decode_step_equals_full_decoder(rng):
     np.testing.assert_allclose(steps, full, atol=1e-5, rtol=1e-5)
 
 
+def test_decode_step_and_decode_refuse_bad_arguments():
+    model = model_for(0)
+    src = jnp.asarray(SRC)
+    memory = model.encode(src)
+    cache = model.init_cache(memory, padding_mask(src), 4)
+    token = jnp.full((3, 1), 5, jnp.int32)
+    bad = [
+        (lambda: model.decode_step(token, 4, cache), "position 4 is outside the cache's 4"),
+        (lambda: model.decode_step(token, -1, cache), "position -1 is outside"),
+        (lambda: model.decode_step(token[:2], 0, cache), "token has batch 2 but the cache"),
+        (lambda: model.decode_step(token + 40, 0, cache), "token holds token ids in"),
+        (lambda: model.decode(token, memory[..., :8], None), r"d_model=16\]"),
+        (lambda: model.init_cache(memory[..., :8], None, 4), r"d_model=16\]"),
+    ]
+    for call, message in bad:
+        with pytest.raises(ValueError, match=message):
+            call()
+    model.decode_step(token, 3, cache)  # the last slot is fine
+
+
 @pytest.mark.parametrize("norm", ["post", "pre"])
 def test_cached_greedy_equals_uncached(norm):
     for seed in range(3):
@@ -88,6 +108,19 @@ def test_cached_greedy_equals_uncached(norm):
         np.testing.assert_allclose(cached_logits, plain_logits, atol=1e-5, rtol=0)
         assert cached.shape[0] == 3 and cached.shape[1] <= MAX_LEN
         assert_well_formed(cached)
+
+
+def test_a_remat_model_decodes_like_the_same_model_without_remat():
+    """remat is a training switch: every search runs the layers plainly (nnx.remat cannot run
+    inside the uncached loop over a model merged outside it)."""
+    plain, remat = model_for(0), model_for(0, remat=True)
+    for use_cache in (True, False):
+        np.testing.assert_array_equal(
+            greedy_decode(remat, SRC, max_len=MAX_LEN, use_cache=use_cache),
+            greedy_decode(plain, SRC, max_len=MAX_LEN, use_cache=use_cache))
+    np.testing.assert_array_equal(beam_search(remat, SRC, beam_size=2, max_len=MAX_LEN)[0],
+                                  beam_search(plain, SRC, beam_size=2, max_len=MAX_LEN)[0])
+    assert remat.decoder.remat and remat.encoder.remat  # the caller's model is unchanged
 
 
 def test_decoding_leaves_the_model_in_training_mode():

@@ -66,9 +66,10 @@ def split_model(model: Transformer):
 
 
 def merge_for_decoding(graphdef, state) -> Transformer:
-    """Inside the jitted loop: the model in eval mode (dropout off). `nnx.view` changes only
-    the traced copy, so the caller's model keeps its training/eval mode."""
-    return nnx.view(nnx.merge(graphdef, state), deterministic=True)
+    """Inside the jitted loop: the model in eval mode (dropout off) without remat (nothing
+    is differentiated). `nnx.view` changes only the traced copy, so the caller's model keeps
+    its modes."""
+    return nnx.view(nnx.merge(graphdef, state), deterministic=True, remat=False)
 
 
 def suppress_special(logits: jax.Array) -> jax.Array:

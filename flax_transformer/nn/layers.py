@@ -178,6 +178,12 @@ class Encoder(nnx.Module):
         x = _run_layers(self.layers, x, src_mask, remat=self.remat)
         return x if self.final_norm is None else self.final_norm(x)
 
+    def set_view(self, remat: bool | None = None):
+        """`nnx.view(model, remat=False)`: plain layer calls (decoding never differentiates,
+        and `nnx.remat` cannot run inside a decoding loop over a model merged outside it)."""
+        if remat is not None:
+            self.remat = remat
+
 
 class Decoder(nnx.Module):
     """N identical decoder layers (plus a final LayerNorm with pre-norm)."""
@@ -194,6 +200,12 @@ class Decoder(nnx.Module):
         """y: [B, T, D] embedded targets; memory: [B, S, D]; src_mask: [B, 1, 1, S] -> [B, T, D]"""
         y = _run_layers(self.layers, y, memory, src_mask, remat=self.remat)
         return y if self.final_norm is None else self.final_norm(y)
+
+    def set_view(self, remat: bool | None = None):
+        """`nnx.view(model, remat=False)`: plain layer calls (decoding never differentiates,
+        and `nnx.remat` cannot run inside a decoding loop over a model merged outside it)."""
+        if remat is not None:
+            self.remat = remat
 
     def init_cache(self, memory: jnp.ndarray, max_len: int) -> tuple[DecoderLayerCache, ...]:
         """One `DecoderLayerCache` per layer (see `DecoderLayer.init_cache`)."""

@@ -38,7 +38,7 @@ def check_tokens(tokens, vocab_size: int, max_len: int, name: str) -> None:
         raise ValueError(f"{name} is empty (shape {shape})")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
-    if isinstance(tokens, jax.core.Tracer):
+    if isinstance(tokens, jax.core.Tracer | jax.ShapeDtypeStruct):
         return  # values unknown under jit; the caller checks them on the host
     values = np.asarray(tokens)
     if values.size and (values.min() < 0 or values.max() >= vocab_size):
@@ -122,10 +122,11 @@ class Transformer(nnx.Module):
                src_mask: jnp.ndarray | None) -> jnp.ndarray:
         """tgt: [B, T] decoder input ids; memory: [B, S, D]; src_mask: [B, 1, 1, S] -> [B, T, V]"""
         check_tokens(tgt, self.config.tgt_vocab_size, self.config.max_len, "tgt_tokens")
-        if memory.ndim != 3 or memory.shape[0] != tgt.shape[0]:
+        if (memory.ndim != 3 or memory.shape[0] != tgt.shape[0]
+                or memory.shape[2] != self.config.d_model):
             raise ValueError(
-                f"memory must be [batch, src_len, d_model] with the batch of tgt_tokens "
-                f"{tgt.shape}, got {memory.shape}"
+                f"memory must be [batch, src_len, d_model={self.config.d_model}] with the batch "
+                f"of tgt_tokens {tgt.shape}, got {memory.shape}; pass this model's encode(src)"
             )
         y = self.decoder(self.embed(tgt, self.target_embedding), memory, src_mask)
         return self.logits(y)
@@ -156,8 +157,9 @@ class Transformer(nnx.Module):
                 f"{self.config.max_len}], got {max_len!r}; decode fewer tokens or build the "
                 "model with a larger max_len"
             )
-        if memory.ndim != 3:
-            raise ValueError(f"memory must be [batch, src_len, d_model], got {memory.shape}")
+        if memory.ndim != 3 or memory.shape[2] != self.config.d_model:
+            raise ValueError(f"memory must be [batch, src_len, d_model={self.config.d_model}], "
+                             f"got {memory.shape}; pass this model's encode(src)")
         if src_mask is None:
             src_mask = jnp.ones((memory.shape[0], 1, 1, memory.shape[1]), bool)
         return DecodeCache(self.decoder.init_cache(memory, int(max_len)), src_mask)
@@ -166,11 +168,22 @@ class Transformer(nnx.Module):
                     cache: DecodeCache) -> tuple[jnp.ndarray, DecodeCache]:
         """One decoder step: token [B, 1] is the decoder input at `position` (an int or a traced
         int; bos at 0)  ->  (logits [B, V] float32 for the next token, updated cache).
+        A concrete position must lie within the cache (a traced one is not checked: past the
+        end, the buffer update would clamp it and overwrite the last slot).
 
         Equals `decode(tgt, ...)[:, position]` when the cache holds tgt[:, :position].
         """
         if token.ndim != 2 or token.shape[1] != 1:
             raise ValueError(f"token must be [batch, 1], got shape {token.shape}")
+        check_tokens(token, self.config.tgt_vocab_size, self.config.max_len, "token")
+        if token.shape[0] != cache.src_mask.shape[0]:
+            raise ValueError(f"token has batch {token.shape[0]} but the cache was built for "
+                             f"{cache.src_mask.shape[0]} rows; pass one token per cached row")
+        slots = cache.layers[0].self_attention.value.shape[1]  # value: [B*H, max_len, Dh]
+        if isinstance(position, int | np.integer) and not 0 <= position < slots:
+            raise ValueError(f"position {position} is outside the cache's {slots} target "
+                             f"positions (0 to {slots - 1}); build the cache with "
+                             "init_cache(..., max_len) large enough")
         y = self.embed(token, self.target_embedding, offset=position)
         y, layers = self.decoder.decode_step(y, position, cache.layers, cache.src_mask)
         return self.logits(y)[:, 0], cache._replace(layers=layers)
