@@ -33,3 +33,18 @@ def test_resume_drops_records_an_interrupted_run_wrote_after_its_checkpoint(tmp_
     assert "not a record" in lines
     steps = [json.loads(line)["step"] for line in lines if line != "not a record"]
     assert steps == [10, 20, 20, 35]
+
+
+def test_non_finite_values_are_written_as_null(tmp_path):
+    """A diverged loss must not make the JSONL unreadable for strict JSON parsers."""
+    with MetricsWriter(tmp_path) as writer:
+        writer.write("train", 10, {"loss": 2.5, "grad_norm": 1.0})
+        writer.write("train", 20, {"loss": float("nan"), "grad_norm": float("inf")})
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert records[1]["loss"] is None and records[1]["grad_norm"] is None
+    assert plot_curves(tmp_path).stat().st_size > 0  # the null point is left out

@@ -1,9 +1,9 @@
 """Metrics on disk: a JSONL log, TensorBoard event files, and a PNG plot of the curves.
 
 Every record is one line of `metrics.jsonl`: {"split": "train"|"valid"|"test", "step": int,
-<name>: float, ...}. The same scalars go to TensorBoard as "<split>/<name>" under
-`workdir/tensorboard`. `plot_curves` reads the JSONL back, so a resumed run's plot shows the
-whole history.
+<name>: float, ...} (strict JSON: a non-finite value, e.g. a diverged loss, is written as
+null). The same scalars go to TensorBoard as "<split>/<name>" under `workdir/tensorboard`.
+`plot_curves` reads the JSONL back, so a resumed run's plot shows the whole history.
 """
 
 from __future__ import annotations
@@ -50,8 +50,11 @@ class MetricsWriter:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 record[name] = value
                 continue
+            if not math.isfinite(float(value)):
+                record[name] = None  # strict JSON has no NaN/inf (a diverged loss)
+                continue
             record[name] = float(value) if isinstance(value, float) else value
-            if self._tb is not None and math.isfinite(float(value)):
+            if self._tb is not None:
                 self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -84,7 +87,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _series(records, split: str, name: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[name]) for r in records if r["split"] == split and name in r]
+    points = [(r["step"], r[name]) for r in records
+              if r["split"] == split and r.get(name) is not None]
     return [p[0] for p in points], [p[1] for p in points]
 
 
