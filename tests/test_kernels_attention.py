@@ -310,6 +310,21 @@ def test_cached_attention_matches_reference_and_jax_nn(rng, case, tq):
         assert relative_error(out, expected) < 1e-5
 
 
+def test_cached_attention_refuses_caches_that_do_not_fit(rng):
+    q, k, v = random_qkv(rng, batch=2, tq=1, tk=5, heads=2)
+    key_cache, value_cache = cache_layout(jnp.asarray(k), jnp.asarray(v))
+    bad = [
+        ((q[0], key_cache, value_cache, None), r"q \[B, Tq, H, Dk\]"),
+        ((q, key_cache[:2], value_cache, None), "caches do not fit"),
+        ((q, key_cache, value_cache[:, :4], None), "caches do not fit"),
+        ((q, key_cache, value_cache, jnp.ones((2, 1, 1, 4), bool)), "key length is 4"),
+        ((q, key_cache, value_cache, jnp.ones((2, 1, 1, 5), jnp.int32)), "must be boolean"),
+    ]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            cached_attention(*args)
+
+
 def test_cached_attention_fully_masked_rows_and_grads(rng):
     q, k, v = random_qkv(rng, batch=2, tq=1, tk=4, heads=2)
     mask = jnp.asarray([True, True, False, False])[None, None, None, :]

@@ -78,6 +78,7 @@ def cached_attention(
     reads it as is; with [B, Tk, H, D] (or even [B, H, ...]) caches XLA copies every layer's
     whole cache several times per step.
     """
+    check_cache_inputs(q, key_cache, value_cache, mask)
     batch, tq, heads, dk = q.shape
     tk = key_cache.shape[-1]
     scale = 1.0 / math.sqrt(dk)
@@ -126,6 +127,26 @@ def _xla(q, k, v, mask, causal):
     full = combine_masks(mask, causal_mask(q.shape[1], k.shape[1]) if causal else None)
     row_valid = jnp.any(full, axis=-1)  # [B|1, H|1, Tq]
     return out * jnp.transpose(row_valid, (0, 2, 1))[..., None].astype(out.dtype)
+
+
+def check_cache_inputs(q, key_cache, value_cache, mask) -> None:
+    """Host-side validation of `cached_attention` arguments (static shapes only)."""
+    if q.ndim != 4 or key_cache.ndim != 3 or value_cache.ndim != 3:
+        raise ValueError(
+            f"cached_attention needs q [B, Tq, H, Dk], key_cache [B*H, Dk, Tk] and value_cache "
+            f"[B*H, Tk, Dv], got {q.shape}, {key_cache.shape}, {value_cache.shape}; build the "
+            "caches with cache_layout(k, v)"
+        )
+    batch, tq, heads, dk = q.shape
+    rows, tk = batch * heads, key_cache.shape[2]
+    if key_cache.shape[:2] != (rows, dk) or value_cache.shape[:2] != (rows, tk):
+        raise ValueError(
+            f"caches do not fit q {q.shape}: key_cache must be [{rows}, {dk}, Tk] and "
+            f"value_cache [{rows}, Tk, Dv] with the same Tk, got {key_cache.shape} and "
+            f"{value_cache.shape}; build them with cache_layout(k, v)"
+        )
+    if mask is not None:
+        check_mask(mask, (batch, heads, tq, tk))
 
 
 def check_dropout(dropout_rate: float, dropout_rng, implementation: str = "vmap") -> None:
