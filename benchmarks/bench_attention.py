@@ -11,12 +11,15 @@ float32 on CPU, bfloat16 on accelerators. Peers: `jax.nn.dot_product_attention` 
 XLA), on a GPU also its cuDNN fused kernel (`cudnn`: implementation="cudnn"), and PyTorch's
 `scaled_dot_product_attention` (`torch`; fused flash kernels on CPU and CUDA). Prints a markdown
 table, saves a log-log plot and rewrites this program's own section of benchmarks/RESULTS.md.
+The plot goes to --out, by default attention.png beside the --results file; with --no-results
+nothing is written unless --out is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -40,6 +43,54 @@ from benchmarks.common import (  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 IMPLS = ("vmap", "xla", "dense", "blockwise", "jax.nn", "cudnn", "torch")
 GPU_ONLY = {"cudnn"}  # elsewhere such a case reports "n/a" and is left out of the table
+DTYPES = ("float32", "bfloat16", "float16")  # names both jax.numpy and torch know
+
+
+# ----------------------------------------------------------------------------- flag types
+# argparse `type=` converters: a bad value is a usage error naming its flag
+# (`error: argument --heads: expected an integer >= 1, got '0'`, exit status 2), not a traceback
+# or a run that never ends. bench_decode uses them too.
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """Comma-separated integers >= 1, in the order given ("1,4" -> [1, 4])."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        values = [int(item) for item in items]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def impl_list(text: str) -> list[str]:
+    """Comma-separated names from IMPLS, duplicates dropped, in the order given."""
+    impls = list(dict.fromkeys(i.strip() for i in text.split(",") if i.strip()))
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown or not impls:
+        what = f"unknown {', '.join(map(repr, unknown))}" if unknown else f"none in {text!r}"
+        raise argparse.ArgumentTypeError(f"{what}; choose from {', '.join(IMPLS)}")
+    return impls
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -317,25 +368,40 @@ def run_all(args, lengths, impls, causals, on_length_done=None) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--min-len", type=int, default=128)
-    p.add_argument("--max-len", type=int, default=32768)
-    p.add_argument("--lengths", help="comma-separated lengths (overrides --min-len/--max-len)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--min-len", type=positive_int, default=128,
+                   help="shortest length (128); lengths double up to --max-len")
+    p.add_argument("--max-len", type=positive_int, default=32768, help="longest length (32768)")
+    p.add_argument("--lengths", type=positive_int_list,
+                   help="comma-separated lengths (overrides --min-len/--max-len)")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--heads", type=positive_int, default=8)
+    p.add_argument("--head-dim", type=positive_int, default=64)
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
                    help="only causal (--causal) or only full (--no-causal); default both")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {IMPLS}")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--block-size", type=int, default=512)
-    p.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 elsewhere")
-    p.add_argument("--timeout", type=float, default=300.0,
+    p.add_argument("--impls", type=impl_list, default=",".join(IMPLS),
+                   help=f"comma-separated, from {', '.join(IMPLS)} (default: all)")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--block-size", type=positive_int, default=512)
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="default float32 on CPU, bfloat16 elsewhere")
+    p.add_argument("--timeout", type=positive_float, default=300.0,
                    help="seconds per subprocess; longer lengths whose estimate exceeds it skip")
-    p.add_argument("--mem-limit-gb", type=float, default=12.0, help="RSS cap per subprocess")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "attention.png"))
-    p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
-    p.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
-    return p.parse_args(argv)
+    p.add_argument("--mem-limit-gb", type=positive_float, default=12.0,
+                   help="RSS cap per subprocess")
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
+                   help="the markdown file whose bench_attention section is rewritten "
+                        "(default: benchmarks/RESULTS.md)")
+    p.add_argument("--no-results", action="store_true",
+                   help="do not touch the --results file; no plot either unless --out is given")
+    p.add_argument("--out", default=None,
+                   help="where the plot goes (default: attention.png beside the --results "
+                        "file; none with --no-results)")
+    args = p.parse_args(argv)
+    if args.lengths is None and args.min_len > args.max_len:
+        p.error(f"argument --min-len: {args.min_len} is greater than --max-len {args.max_len}")
+    if args.out is None and not args.no_results:
+        args.out = str(Path(args.results).with_name("attention.png"))
+    return args
 
 
 def main(argv=None):
@@ -344,15 +410,12 @@ def main(argv=None):
         print("RESULT " + json.dumps(run_worker(json.loads(args.worker))), flush=True)
         return
     if args.lengths:
-        lengths = sorted({int(x) for x in args.lengths.split(",")})
+        lengths = sorted(set(args.lengths))
     else:
         lengths, n = [], args.min_len
         while n <= args.max_len:
             lengths, n = lengths + [n], 2 * n
-    impls = list(dict.fromkeys(i.strip() for i in args.impls.split(",") if i.strip()))
-    unknown = set(impls) - set(IMPLS)
-    if unknown:
-        raise SystemExit(f"unknown --impls {sorted(unknown)}; choose from {IMPLS}")
+    impls = args.impls
     causals = [False, True] if args.causal is None else [args.causal]
     load_start = os.getloadavg()[0]
 
@@ -361,7 +424,8 @@ def main(argv=None):
         body = report_body(args, results, lengths, impls, causals, load_start)
         if final:
             print("\n" + body)
-        if save_plot(results, lengths, impls, causals, Path(args.out)) and final:
+        if (args.out is not None and save_plot(results, lengths, impls, causals, Path(args.out))
+                and final):
             print(f"\nplot: {args.out}")
         if not args.no_results:
             path = write_results_section(f"bench_attention ({_backend(results)})", body,

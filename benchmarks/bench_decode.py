@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.bench_attention import positive_int, positive_int_list  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     add_malloc_flag,
     configure_malloc,
@@ -39,7 +40,7 @@ from benchmarks.common import (  # noqa: E402
     today,
     write_results_section,
 )
-from flax_transformer import Transformer, TransformerConfig  # noqa: E402
+from flax_transformer import PRESETS, Transformer, TransformerConfig  # noqa: E402
 from flax_transformer.decoding import greedy_decode  # noqa: E402
 
 
@@ -65,18 +66,26 @@ def bench(model, batch: int, src_len: int, new_tokens: int, repeats: int, seed: 
     return statistics.median(times["cached"]), statistics.median(times["uncached"]), same
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="base", help="TransformerConfig preset (base)")
-    parser.add_argument("--batch", default="1,4", help="comma-separated batch sizes (1,4)")
-    parser.add_argument("--src-len", type=int, default=32, help="source length (32)")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (128)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per path (3)")
+    parser.add_argument("--preset", default="base", choices=sorted(PRESETS),
+                        help="TransformerConfig preset (base)")
+    parser.add_argument("--batch", type=positive_int_list, default="1,4",
+                        help="comma-separated batch sizes (1,4)")
+    parser.add_argument("--src-len", type=positive_int, default=32, help="source length (32)")
+    parser.add_argument("--new-tokens", type=positive_int, default=128,
+                        help="tokens to generate (128)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="timed calls per path (3)")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     add_malloc_flag(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     configure_malloc(args.default_malloc)
-    batches = [int(b) for b in args.batch.split(",")]
+    batches = args.batch
 
     config = TransformerConfig.preset(args.preset)
     model = Transformer(config, rngs=nnx.Rngs(0))

@@ -180,3 +180,90 @@ def test_bench_train_uses_the_best_peak_of_the_run(monkeypatch, capsys):
     table = out[out.index("| config |"):]
     assert table.count("| flax_transformer |") == 2 and "| 10.0% |" in table
     assert "| 20.0% |" not in table and "| 2.00x |" in table
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--min-len", "0"), ("--min-len", "-8"), ("--min-len", "abc"), ("--max-len", "0"),
+    ("--lengths", "abc"), ("--lengths", "128,0"), ("--lengths", ","), ("--batch", "0"),
+    ("--heads", "0"), ("--head-dim", "-1"), ("--repeats", "0"), ("--block-size", "0"),
+    ("--timeout", "0"), ("--timeout", "nan"), ("--mem-limit-gb", "-1"), ("--impls", "nope"),
+    ("--impls", ","), ("--dtype", "int8"),
+])
+def test_bench_attention_refuses_bad_values_naming_the_flag(flag, value, capsys):
+    """A usage error (exit 2) instead of a traceback, an endless loop (--min-len 0) or an empty
+    table."""
+    from benchmarks.bench_attention import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([flag, value, "--no-results"])
+    assert exit_info.value.code == 2
+    assert f"error: argument {flag}: " in capsys.readouterr().err
+
+
+def test_bench_attention_refuses_min_len_above_max_len(capsys):
+    from benchmarks.bench_attention import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--min-len", "256", "--max-len", "128"])
+    assert exit_info.value.code == 2
+    assert "error: argument --min-len: 256 is greater than --max-len 128" in capsys.readouterr().err
+    # --lengths overrides the range, which is then not checked
+    assert parse_args(["--min-len", "256", "--max-len", "128", "--lengths", "64"]).lengths == [64]
+
+
+def test_bench_attention_parses_lists():
+    from benchmarks.bench_attention import IMPLS, parse_args
+
+    args = parse_args(["--lengths", "1024, 256", "--impls", "torch,blockwise,torch"])
+    assert args.lengths == [1024, 256] and args.impls == ["torch", "blockwise"]
+    assert parse_args([]).impls == list(IMPLS)
+
+
+def test_bench_attention_plot_goes_beside_the_results_file(tmp_path):
+    """The committed plot benchmarks/attention.png is rewritten only with RESULTS.md: with
+    --no-results there is no plot unless --out names one."""
+    from benchmarks.bench_attention import REPO, parse_args
+
+    assert parse_args([]).out == str(REPO / "benchmarks" / "attention.png")
+    assert parse_args(["--no-results"]).out is None
+    assert parse_args(["--results", str(tmp_path / "R.md")]).out == str(tmp_path / "attention.png")
+    out = str(tmp_path / "plot.png")
+    assert parse_args(["--no-results", "--out", out]).out == out
+
+
+def test_bench_attention_no_results_writes_no_plot(monkeypatch, capsys):
+    from benchmarks import bench_attention
+
+    def fake_case(spec, timeout, mem_limit):
+        return {"status": "ok", "fwd_s": 0.1, "fwd_bwd_s": 0.3, "peak_bytes": 2**20,
+                "baseline_bytes": 0, "repeats": 1, "dtype": "float32", "backend": "cpu",
+                "jax": "JAX (test) on cpu"}
+
+    plots, sections = [], []
+    monkeypatch.setattr(bench_attention, "run_case", fake_case)
+    monkeypatch.setattr(bench_attention, "save_plot", lambda *a: plots.append(a[-1]) or True)
+    monkeypatch.setattr(bench_attention, "write_results_section", lambda *a: sections.append(a))
+    bench_attention.main(["--lengths", "128,256", "--impls", "blockwise", "--no-results"])
+    assert plots == [] and sections == []
+    assert "| 128 | blockwise |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--batch", "a"), ("--batch", "0"), ("--batch", "1,-4"), ("--preset", "nope"),
+    ("--repeats", "0"), ("--new-tokens", "0"), ("--src-len", "0"), ("--src-len", "x"),
+])
+def test_bench_decode_refuses_bad_values_naming_the_flag(flag, value, capsys):
+    from benchmarks.bench_decode import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([flag, value, "--no-write"])
+    assert exit_info.value.code == 2
+    assert f"error: argument {flag}: " in capsys.readouterr().err
+
+
+def test_bench_decode_parses_its_flags():
+    from benchmarks.bench_decode import parse_args
+
+    args = parse_args(["--batch", "4,1", "--preset", "tiny", "--new-tokens", "8"])
+    assert args.batch == [4, 1] and args.preset == "tiny" and args.new_tokens == 8
+    assert parse_args([]).batch == [1, 4]
