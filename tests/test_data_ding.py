@@ -63,6 +63,13 @@ def test_malformed_line_names_file_and_line(tmp_path, line, message):
         read_ding_pairs(path)
 
 
+def test_non_utf8_file_names_file_and_line(tmp_path):
+    path = tmp_path / "de-en"
+    path.write_bytes("# comment\nHund {m} :: dog\nB\u00e4r {m} :: bear\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{path}:3: .*must be UTF-8"):
+        read_ding_pairs(path)
+
+
 def test_no_sentences_is_an_empty_dataset(tmp_path):
     path = tmp_path / "de-en"
     path.write_text("# only words\nHund {m} :: dog\n", encoding="utf-8")

