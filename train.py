@@ -144,11 +144,16 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
                 if k in ("decode", "beam_size", "length_penalty", "eval_batch_size")}
     if args.rescore_with is not None and not args.evaluate:
         raise ValueError("--rescore-with works with --evaluate; add --evaluate")
+    if args.overwrite and (args.evaluate or args.predict is not None):
+        raise ValueError("--overwrite deletes a run; --evaluate and --predict read one: drop "
+                         "--overwrite")
     if args.evaluate:
         if args.predict is not None or args.resume:
             raise ValueError("--evaluate cannot be combined with --predict or --resume")
         results = evaluate_run(workdir, rescore_with=args.rescore_with or (),
                                config_overrides=decoding)
+        if not results:
+            raise ValueError(f"the run in {workdir} has no valid or test examples to score")
         for split, scores in results.items():
             line = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "num_examples")
             print(f"{split} ({scores['num_examples']:.0f} examples): {line}")

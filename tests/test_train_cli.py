@@ -75,6 +75,43 @@ def test_end_to_end_on_copy_then_predict(tmp_path, capsys):
     _one_error_line(capsys, SMALL + ["--workdir", str(workdir), "--resume", "--d-model", "32"],
                     "cannot change")
 
+    # Bad input around an existing run.
+    _one_error_line(capsys, ["--workdir", str(workdir), "--predict", "a", " "], "is empty")
+    assert train_cli.main(["--workdir", str(workdir), "--predict", "a b zzz"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: input 'a b zzz' has 1 token(s) the model never saw" in captured.err
+    _one_error_line(capsys, SMALL + ["--workdir", str(workdir), "--resume", "--overwrite",
+                                     "--steps", "16"], "--overwrite deletes the run")
+    _one_error_line(capsys, ["--workdir", str(workdir), "--evaluate", "--overwrite"],
+                    "drop --overwrite")
+    # --overwrite deletes the old run only once the new run's data has loaded: a typo in a
+    # file name leaves it as it was.
+    _one_error_line(capsys, ["--task", "translate", "--train-file", str(tmp_path / "typo.tsv"),
+                             "--workdir", str(workdir), "--overwrite"], "typo.tsv")
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12", "14", "6"]
+
+    # A damaged latest checkpoint: the run falls back to the one before, with a warning.
+    for path in (workdir / "checkpoints" / "14").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+    assert train_cli.main(["--workdir", str(workdir), "--predict", "a b c"]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint 14" in err and "cannot be read" in err and "using step 12" in err, err
+    # A damaged config.json is named.
+    (workdir / "config.json").write_text('{"model": {')
+    _one_error_line(capsys, ["--workdir", str(workdir), "--predict", "a"], "config.json is damaged")
+
+
+def test_workdirs_that_are_not_runs_are_left_alone(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    _one_error_line(capsys, SMALL + ["--workdir", str(afile)], "is a file, not a directory")
+    other = tmp_path / "other_tool"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "checkpoints" / "model.pt").write_text("not ours")
+    _one_error_line(capsys, SMALL + ["--workdir", str(other), "--overwrite"], "not a run")
+    assert (other / "checkpoints" / "model.pt").read_text() == "not ours"
+
 
 def test_unknown_task(capsys, tmp_path):
     _one_error_line(capsys, ["--task", "nope", "--workdir", str(tmp_path)], "unknown task 'nope'")

@@ -66,7 +66,9 @@ def test_fine_tuning_continues_to_learn(source_run, tmp_path):
     assert tuned["train"]["loss"] < source["train"]["loss"]
 
 
-def test_init_from_reuses_the_other_runs_tokenizers(tmp_path):
+def test_init_from_reuses_the_other_runs_tokenizers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths below: the saved configs make them absolute
+
     def write(path, pairs):
         path.write_text("".join(f"{a}\t{b}\n" for a, b in pairs), encoding="utf-8")
         return str(path)
@@ -81,8 +83,10 @@ def test_init_from_reuses_the_other_runs_tokenizers(tmp_path):
     train(model, TrainingConfig(train_file=first, **options), tmp_path / "src", progress=False)
     # Alone, the second file would get its own subword vocabulary; fine-tuned, it uses the
     # first run's (whose ids the parameters were trained on).
-    train(model, TrainingConfig(train_file=second, init_from=str(tmp_path / "src"), **options),
+    train(model, TrainingConfig(train_file="b.tsv", init_from="src", **options),
           tmp_path / "tuned", progress=False)
+    saved = json.loads((tmp_path / "tuned" / "config.json").read_text())["training"]
+    assert saved["train_file"] == second and saved["init_from"] == str(tmp_path / "src")
     alone = load_task("translate", train_file=second, vocab_size=12)
     alone.save_tokenizers(tmp_path / "alone")
     models = sorted(p.name for p in (tmp_path / "src" / "tokenizer").glob("*.model"))

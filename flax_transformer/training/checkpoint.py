@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +76,34 @@ class Checkpointer:
         return step
 
     def restore(self, like: TrainState, step: int | None = None) -> TrainState:
-        """The state saved at `step` (default: the latest), with the structure of `like`."""
-        if step is None:
-            step = self.latest_step()
-        if step is None:
+        """The state saved at `step` (default: the latest readable one, with a warning when a
+        damaged newer one is skipped), with the structure of `like`."""
+        if step is not None:
+            return self._restore(like, step)
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise NoCheckpointError(
                 f"no checkpoint in {self.workdir / CHECKPOINT_DIR}; nothing to resume or "
                 "predict from (train first, or drop --resume)"
             )
+        first_error: Exception | None = None
+        for candidate in steps:
+            try:
+                state = self._restore(like, candidate)
+            except Exception as err:  # damaged files surface as many error types
+                first_error = first_error or err
+                continue
+            if first_error is not None:
+                print(f"warning: checkpoint {steps[0]} in {self.workdir / CHECKPOINT_DIR} "
+                      f"cannot be read ({_first_line(first_error)}); using step {candidate}",
+                      file=sys.stderr)
+            return state
+        if isinstance(first_error, ValueError):
+            raise first_error  # e.g. the saved tree does not fit this model: orbax says how
+        raise ValueError(f"checkpoint {steps[0]} in {self.workdir / CHECKPOINT_DIR} cannot be "
+                         f"read: {_first_line(first_error)}") from first_error
+
+    def _restore(self, like: TrainState, step: int) -> TrainState:
         target = abstract_train_state(like)
         try:
             restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
@@ -98,6 +119,11 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def save_run_config(workdir: str | Path, model: TransformerConfig,
@@ -117,9 +143,14 @@ def load_run_config(workdir: str | Path) -> tuple[TransformerConfig, TrainingCon
         raise NoCheckpointError(
             f"no {CONFIG_FILE} in {workdir}; it is not a training work directory (train first)"
         )
-    payload: dict[str, Any] = json.loads(path.read_text())
-    return (TransformerConfig.from_dict(payload["model"]),
-            TrainingConfig.from_dict(payload["training"]))
+    try:
+        payload: dict[str, Any] = json.loads(path.read_text())
+        return (TransformerConfig.from_dict(payload["model"]),
+                TrainingConfig.from_dict(payload["training"]))
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        detail = f"missing {err}" if isinstance(err, KeyError) else str(err)
+        raise ValueError(f"{path} is damaged ({detail}); it should hold the 'model' and "
+                         "'training' settings this program wrote") from None
 
 
 def tokenizer_dir(workdir: str | Path) -> Path:

@@ -6,6 +6,7 @@ Decoding groups the inputs by the training buckets and pads every batch to
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,7 +14,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from ..data import Example, Task, fit_to_length, make_batches, reverse_targets, reverse_tokens
+from ..data import (
+    UNK_ID,
+    Example,
+    Task,
+    fit_to_length,
+    make_batches,
+    reverse_targets,
+    reverse_tokens,
+)
 from .config import TrainingConfig
 from .loss import summarize
 from .step import batch_arrays
@@ -115,7 +124,13 @@ def predict_texts(model, task: Task, texts: Sequence[str], config: TrainingConfi
     limit = model.config.max_len
     encoded = []
     for text in texts:
+        if not text.strip():
+            raise ValueError(f"input {text!r} is empty; give some text to --predict")
         ids = task.encode_source(text)
+        unknown = sum(1 for token in ids if token == UNK_ID)
+        if unknown:
+            print(f"warning: input {text[:40]!r} has {unknown} token(s) the model never saw "
+                  "in training; they are read as unknown", file=sys.stderr)
         if len(ids) > limit:
             raise ValueError(
                 f"input {text[:40]!r} is {len(ids)} tokens long, more than the model's "

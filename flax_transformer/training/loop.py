@@ -65,7 +65,14 @@ def build_task(config: TrainingConfig, tokenizers: str | Path | None = None) -> 
 
 
 def clear_run(workdir: str | Path) -> None:
-    """Deletes the files a previous run wrote in `workdir` (and nothing else)."""
+    """Deletes the files a previous run wrote in `workdir` (and nothing else). Refuses a
+    directory that holds files with a run's names but no run config: they are not ours."""
+    workdir = Path(workdir)
+    present = [name for name in RUN_FILES if (workdir / name).exists()]
+    if present and not (workdir / CONFIG_FILE).is_file():
+        raise ValueError(f"{workdir} holds {', '.join(present)} but no {CONFIG_FILE}: not a "
+                         "run of this program, so --overwrite will not delete them; choose "
+                         "another --workdir")
     for name in RUN_FILES:
         path = Path(workdir) / name
         if path.is_dir():
@@ -93,6 +100,15 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     """
     started = time.perf_counter()
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} is a file, not a directory; choose a directory")
+    if overwrite and resume:
+        raise ValueError("--overwrite deletes the run that --resume would continue; use one")
+    # Data files as absolute paths: the saved config must work from any directory.
+    config = config.replace(**{
+        name: str(Path(getattr(config, name)).absolute())
+        for name in ("train_file", "valid_file", "test_file", "data_dir", "init_from")
+        if getattr(config, name) is not None})
     init_from = None if resume or config.init_from is None else Path(config.init_from)
     if init_from is not None:
         if init_from.resolve() == workdir.resolve():  # resolve() makes both absolute
@@ -104,12 +120,12 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
             raise ValueError(f"init_from={config.init_from!r} learned task {source_task!r}, this "
                              f"run is {config.task!r}; start from a run of the same task (its "
                              "tokenizers and vocabulary come along)")
-    if overwrite and not resume:
-        clear_run(workdir)
     if resume and not (workdir / CONFIG_FILE).is_file():
         load_run_config(workdir)  # raises NoCheckpointError with the explanation
     saved_tokenizers = workdir if resume else init_from
     task = build_task(config, None if saved_tokenizers is None else tokenizer_dir(saved_tokenizers))
+    if overwrite:  # only now that the new run's data has loaded: a typo deletes nothing
+        clear_run(workdir)
     checkpointer = Checkpointer(workdir, config.keep_checkpoints, create=not resume)
     latest = checkpointer.latest_step()
     if not resume and latest is not None:
