@@ -193,3 +193,15 @@ def test_init_from_takes_the_other_runs_model_and_settings(capsys, tmp_path):
                              "--workdir", str(tmp_path / "wide")], "d_model 32 there vs 64")
     _one_error_line(capsys, ["--init-from", str(tmp_path / "none"), "--workdir", str(tuned)],
                     "no config.json")
+
+
+def test_evaluate_with_nothing_to_score_says_so(capsys, tmp_path):
+    tsv = tmp_path / "one.tsv"
+    tsv.write_text("hallo welt\thello world\n")  # one pair: no valid or test split
+    workdir = tmp_path / "w"
+    assert train_cli.main(["--task", "translate", "--train-file", str(tsv), "--preset", "tiny",
+                           "--steps", "1", "--subword-vocab-size", "40", "--no-progress",
+                           "--workdir", str(workdir)]) == 0
+    capsys.readouterr()
+    _one_error_line(capsys, ["--evaluate", "--workdir", str(workdir)],
+                    "has no valid or test examples to score")
