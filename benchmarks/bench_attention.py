@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -35,6 +34,9 @@ from benchmarks.common import (  # noqa: E402
     describe_jax,
     describe_machine,
     markdown_table,
+    positive_float,
+    positive_int,
+    positive_int_list,
     time_fn,
     today,
     write_results_section,
@@ -46,43 +48,7 @@ GPU_ONLY = {"cudnn"}  # elsewhere such a case reports "n/a" and is left out of t
 DTYPES = ("float32", "bfloat16", "float16")  # names both jax.numpy and torch know
 
 
-# ----------------------------------------------------------------------------- flag types
-# argparse `type=` converters: a bad value is a usage error naming its flag
-# (`error: argument --heads: expected an integer >= 1, got '0'`, exit status 2), not a traceback
-# or a run that never ends. bench_decode uses them too.
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def positive_int_list(text: str) -> list[int]:
-    """Comma-separated integers >= 1, in the order given ("1,4" -> [1, 4])."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    try:
-        values = [int(item) for item in items]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers >= 1, got {text!r}")
-    return values
-
-
+# argparse `type=` for --impls (the numeric flag types live in benchmarks.common)
 def impl_list(text: str) -> list[str]:
     """Comma-separated names from IMPLS, duplicates dropped, in the order given."""
     impls = list(dict.fromkeys(i.strip() for i in text.split(",") if i.strip()))

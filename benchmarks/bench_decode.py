@@ -29,13 +29,14 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.bench_attention import positive_int, positive_int_list  # noqa: E402
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (  # noqa: E402  # noqa: E402
     add_malloc_flag,
     configure_malloc,
     describe_machine,
     malloc_note,
     markdown_table,
+    positive_int,
+    positive_int_list,
     time_fn,
     today,
     write_results_section,

@@ -8,11 +8,9 @@ mask. Run presets (`RUN_PRESETS`) pair a model preset with training settings for
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Any
 
-from ..config import ConfigMethods, TransformerConfig
+from ..config import ConfigMethods, TransformerConfig, as_finite_float
 from ..data.translate import CORPORA
 
 OPTIMIZERS = ("adam", "adamw")
@@ -96,10 +94,7 @@ class TrainingConfig(ConfigMethods):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         for name in ("learning_rate", "min_lr_ratio", "adam_b1", "adam_b2", "adam_eps",
                      "weight_decay", "label_smoothing", "grad_clip", "length_penalty"):
-            value = getattr(self, name)
-            if (not isinstance(value, numbers.Real) or isinstance(value, bool)
-                    or not math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            as_finite_float(name, getattr(self, name))  # NaN passes every range test below
         if self.max_examples is not None and (not isinstance(self.max_examples, int)
                                               or isinstance(self.max_examples, bool)):
             raise ValueError(f"max_examples must be an integer (or unset), got "
