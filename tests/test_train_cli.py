@@ -127,6 +127,22 @@ def test_missing_optional_package(capsys, tmp_path, monkeypatch):
     assert "pip install -e .[translate]" in line
 
 
+def test_missing_tensorboardx_is_named_before_the_run_starts(capsys, tmp_path, monkeypatch):
+    import flax_transformer.training.metrics as metrics
+
+    real = metrics._find_spec
+    monkeypatch.setattr(metrics, "_find_spec",
+                        lambda name: None if name == "tensorboardX" else real(name))
+    workdir = tmp_path / "run"
+    line = _one_error_line(capsys, SMALL + ["--workdir", str(workdir)], "tensorboardX")
+    assert "pip install tensorboardX" in line and "--no-tensorboard" in line
+    assert not workdir.exists()  # refused before anything was written
+    # Without event files the run needs no tensorboardX and logs to metrics.jsonl alone.
+    assert train_cli.main(SMALL + ["--workdir", str(workdir), "--no-tensorboard"]) == 0
+    assert (workdir / "metrics.jsonl").is_file() and not (workdir / "tensorboard").exists()
+    assert json.loads((workdir / "config.json").read_text())["training"]["tensorboard"] is False
+
+
 def test_missing_debian_dictionary(capsys, tmp_path):
     line = _one_error_line(capsys, ["--task", "translate", "--corpus", "trans-de-en",
                                     "--data-dir", str(tmp_path), "--workdir", str(tmp_path / "w")],

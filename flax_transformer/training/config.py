@@ -40,7 +40,8 @@ class TrainingConfig(ConfigMethods):
     `init_from` names another run's work directory, of the same task: its latest parameters
     start this run (fine-tuning; e.g. a right-to-left model from a left-to-right one) and its
     tokenizers are reused; the step, the optimizer state, the data order and dropout start
-    afresh.
+    afresh. `tensorboard` writes TensorBoard event files beside `metrics.jsonl` (it needs the
+    `tensorboardX` package; `--no-tensorboard` writes the JSONL log alone).
     """
 
     task: str = "g2p"
@@ -79,6 +80,7 @@ class TrainingConfig(ConfigMethods):
     valid_file: str | None = None
     test_file: str | None = None
     data_dir: str | None = None
+    tensorboard: bool = True
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "num_buckets", "log_every", "eval_every",
@@ -99,8 +101,9 @@ class TrainingConfig(ConfigMethods):
                                               or isinstance(self.max_examples, bool)):
             raise ValueError(f"max_examples must be an integer (or unset), got "
                              f"{self.max_examples!r}")
-        if not isinstance(self.reverse_target, bool):
-            raise ValueError(f"reverse_target must be True or False, got {self.reverse_target!r}")
+        for name in ("reverse_target", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.init_from is not None and (not isinstance(self.init_from, str)
                                            or not self.init_from.strip()):
             raise ValueError(f"init_from must be a run's work directory, got {self.init_from!r}")

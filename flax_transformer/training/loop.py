@@ -38,7 +38,14 @@ from .checkpoint import (
 from .config import TrainingConfig
 from .evaluate import EvalSet, decode_examples, evaluate, predict_texts
 from .loss import summarize
-from .metrics import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, MetricsWriter, plot_curves
+from .metrics import (
+    METRICS_FILE,
+    PLOT_FILE,
+    TENSORBOARD_DIR,
+    MetricsWriter,
+    check_tensorboard,
+    plot_curves,
+)
 from .optim import learning_rate_at, make_optimizer
 from .rescore import Scorer, check_same_tokenizers, rescored_predictions
 from .state import count_params, init_model, init_train_state
@@ -122,6 +129,8 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
                              "tokenizers and vocabulary come along)")
     if resume and not (workdir / CONFIG_FILE).is_file():
         load_run_config(workdir)  # raises NoCheckpointError with the explanation
+    if config.tensorboard:
+        check_tensorboard()  # before the data loads and the model compiles
     saved_tokenizers = workdir if resume else init_from
     task = build_task(config, None if saved_tokenizers is None else tokenizer_dir(saved_tokenizers))
     if overwrite:  # only now that the new run's data has loaded: a typo deletes nothing
@@ -179,7 +188,7 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
         valid_decode = (valid_set if limit >= len(task.valid)
                         else EvalSet(task.valid[:limit], buckets, max_len, **eval_options))
     metric = task.metric_name
-    writer = MetricsWriter(workdir, start_step=start_step)
+    writer = MetricsWriter(workdir, start_step=start_step, tensorboard=config.tensorboard)
     stream = batch_stream(train_examples, config.batch_size, config.seed, start_step,
                           bucket_lengths=buckets)
     bar = tqdm(total=config.steps, initial=start_step, desc=f"train {task.name}",

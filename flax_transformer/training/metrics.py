@@ -8,6 +8,7 @@ null). The same scalars go to TensorBoard as "<split>/<name>" under `workdir/ten
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -15,9 +16,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..data import MissingDependencyError
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 PLOT_FILE = "curves.png"
+_find_spec = importlib.util.find_spec  # looked up at call time so tests can simulate absence
+
+
+def check_tensorboard() -> None:
+    """MissingDependencyError, with the install command, unless `tensorboardX` is installed
+    (checked before a run loads its data, not after its first compilation)."""
+    if _find_spec("tensorboardX") is None:
+        raise MissingDependencyError(
+            "TensorBoard event files need the 'tensorboardX' package (or pass "
+            "--no-tensorboard to log to metrics.jsonl alone)", "pip install tensorboardX")
 
 
 class MetricsWriter:
@@ -37,6 +50,7 @@ class MetricsWriter:
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
+            check_tensorboard()
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR),
