@@ -42,6 +42,8 @@ class MetricsWriter:
     """
 
     def __init__(self, workdir: str | Path, *, start_step: int = 0, tensorboard: bool = True):
+        if tensorboard:
+            check_tensorboard()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.path = self.workdir / METRICS_FILE
@@ -50,7 +52,6 @@ class MetricsWriter:
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
-            check_tensorboard()
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR),
