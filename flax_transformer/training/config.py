@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import ConfigMethods, TransformerConfig, as_finite_float
+from ..config import ConfigMethods, TransformerConfig, as_bool, as_finite_float
 from ..data.translate import CORPORA
 
 OPTIMIZERS = ("adam", "adamw")
@@ -101,9 +101,8 @@ class TrainingConfig(ConfigMethods):
                                               or isinstance(self.max_examples, bool)):
             raise ValueError(f"max_examples must be an integer (or unset), got "
                              f"{self.max_examples!r}")
-        for name in ("reverse_target", "tensorboard"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("reverse_target", "tensorboard"):  # frozen: stored as plain bools
+            object.__setattr__(self, name, as_bool(name, getattr(self, name)))
         if self.init_from is not None and (not isinstance(self.init_from, str)
                                            or not self.init_from.strip()):
             raise ValueError(f"init_from must be a run's work directory, got {self.init_from!r}")
