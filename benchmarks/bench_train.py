@@ -14,6 +14,13 @@ beside an active XLA thread pool); on a JAX GPU backend it runs on CUDA, on TPU 
 All three use AdamW (b2=0.98), dropout 0.1, label-smoothed (0.1) cross-entropy, random tokens.
 `--batch N` replaces both configs' batch sizes (16 and 8), e.g. to fill an accelerator; such a
 run gets its own RESULTS.md section.
+`--attention-impl dense xla` times the library once per attention implementation, interleaved
+with the peers (rows "flax_transformer (dense)", ...); a run other than the default
+implementation alone gets its own RESULTS.md section.
+`--steps-per-call K` makes each jitted call of ours and of the Flax peer run K train steps on
+its batch (`jax.lax.scan`, the whole state donated); times are still per step. On a GPU, where
+a small step waits on the host's launch of its ~700 kernels, this measures how much of that
+overhead K steps per call would save; torch keeps one step per call.
 
 Compute dtype: `--dtype auto` is bfloat16 on GPU/TPU and float32 on CPU; `--dtype bfloat16`
 on a CPU runs all three with float32 parameters and bf16 compute (torch under
@@ -64,13 +71,29 @@ def peer_loss(logits, targets):
     return (optax.softmax_cross_entropy(logits, smoothed) * weights).sum() / weights.sum()
 
 
-def make_flax_step(model: nnx.Module, loss_fn, src, tgt_in, tgt_out):
-    """A zero-argument callable running one jitted AdamW step over `nnx.split` state."""
+def repeat_steps(step, k: int):
+    """`step(carry, *inputs) -> (carry, out)` run `k` times in one traced call (`lax.scan`
+    over the same inputs), returning the final carry and the last step's `out`."""
+    if k == 1:
+        return step
+
+    def steps(carry, *inputs):
+        carry, outs = jax.lax.scan(lambda c, _: step(c, *inputs), carry, None, length=k)
+        return carry, jax.tree.map(lambda x: x[-1], outs)
+
+    return steps
+
+
+def make_flax_step(model: nnx.Module, loss_fn, src, tgt_in, tgt_out, steps_per_call: int = 1):
+    """A zero-argument callable running `steps_per_call` jitted AdamW steps over `nnx.split`
+    state."""
     tx = make_optax()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    state = [params, rest, tx.init(params)]
+    state = [(params, rest, tx.init(params))]
 
-    def step(params, rest, opt_state, src, tgt_in, tgt_out):
+    def step(carry, src, tgt_in, tgt_out):
+        params, rest, opt_state = carry
+
         def loss(params):
             m = nnx.merge(graphdef, params, rest, copy=True)
             value = loss_fn(m(src, tgt_in), tgt_out)
@@ -78,14 +101,15 @@ def make_flax_step(model: nnx.Module, loss_fn, src, tgt_in, tgt_out):
 
         (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), rest, opt_state, value
+        return (optax.apply_updates(params, updates), rest, opt_state), value
 
-    step = jax.jit(step, donate_argnums=(0, 1, 2))
+    step = jax.jit(repeat_steps(step, steps_per_call), donate_argnums=0)
 
     def run():
-        state[0], state[1], state[2], value = step(*state, src, tgt_in, tgt_out)
+        state[0], value = step(state[0], src, tgt_in, tgt_out)
         return value
 
+    run.lower = lambda: step.lower(state[0], src, tgt_in, tgt_out)  # for inspection (HLO)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     return run, n_params
 
@@ -94,13 +118,18 @@ def make_optax():
     return optax.adamw(1e-4, b1=0.9, b2=0.98, eps=1e-9)
 
 
-def ours_step(config: TransformerConfig, src, tgt_in, tgt_out):
-    """The library's own train step (flax_transformer.training), as `train.py` runs it."""
+def ours_step(config: TransformerConfig, src, tgt_in, tgt_out, steps_per_call: int = 1):
+    """The library's own train step (flax_transformer.training), as `train.py` runs it; with
+    `steps_per_call` > 1, that many of its pure steps in one jitted call."""
     from flax_transformer.training import init_model, init_train_state, make_train_step
 
     parts, params = init_model(config, seed=0)
     tx = make_optax()
-    step = make_train_step(parts, tx, label_smoothing=LABEL_SMOOTHING)
+    if steps_per_call == 1:
+        step = make_train_step(parts, tx, label_smoothing=LABEL_SMOOTHING)
+    else:
+        pure = make_train_step(parts, tx, label_smoothing=LABEL_SMOOTHING, jit=False)
+        step = jax.jit(repeat_steps(pure, steps_per_call), donate_argnums=0)
     state = [init_train_state(params, tx, seed=0)]
     batch = {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
 
@@ -108,12 +137,13 @@ def ours_step(config: TransformerConfig, src, tgt_in, tgt_out):
         state[0], metrics = step(state[0], batch)
         return metrics["loss_sum"]
 
+    run.lower = lambda: step.lower(state[0], batch)  # for inspection (HLO)
     return run, sum(x.size for x in jax.tree.leaves(params))
 
 
-def peer_step(config: TransformerConfig, src, tgt_in, tgt_out):
+def peer_step(config: TransformerConfig, src, tgt_in, tgt_out, steps_per_call: int = 1):
     return make_flax_step(FlaxPeerTransformer(config, rngs=nnx.Rngs(0)), peer_loss,
-                          src, tgt_in, tgt_out)
+                          src, tgt_in, tgt_out, steps_per_call)
 
 
 def torch_times(config: TransformerConfig, batch: int, length: int, args):
@@ -160,26 +190,41 @@ def compute_dtype(requested: str) -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+OURS = "flax_transformer"
+
+
+def ours_name(impl: str, impls: list[str]) -> str:
+    """Row name of the library with attention `impl`: plain when it is the only one timed."""
+    return OURS if len(impls) == 1 else f"{OURS} ({impl})"
+
+
 def bench_config(name: str, spec: dict, args) -> list[dict]:
-    """Times of ours and the peers on one config: one dict per framework (seconds per step)."""
-    config = TransformerConfig.preset("base", **spec["config"], dropout_rate=0.1,
-                                      max_len=spec["length"], dtype=compute_dtype(args.dtype),
-                                      attention_impl=args.attention_impl)
+    """Times of ours (once per --attention-impl) and the peers on one config: one dict per
+    framework (seconds per step)."""
+    configs = {impl: TransformerConfig.preset("base", **spec["config"], dropout_rate=0.1,
+                                              max_len=spec["length"],
+                                              dtype=compute_dtype(args.dtype),
+                                              attention_impl=impl)
+               for impl in args.attention_impl}
+    config = configs[args.attention_impl[0]]  # the peers ignore attention_impl
     batch, length = args.batch or spec["batch"], spec["length"]
     rng = np.random.default_rng(0)
     src = jnp.asarray(rng.integers(4, config.src_vocab_size, (batch, length)), jnp.int32)
     tgt = jnp.asarray(rng.integers(4, config.tgt_vocab_size, (batch, length + 1)), jnp.int32)
-    runners = {
-        "flax_transformer": ours_step(config, src, tgt[:, :-1], tgt[:, 1:]),
-        "flax nnx.MultiHeadAttention": peer_step(config, src, tgt[:, :-1], tgt[:, 1:]),
-    }
+    per_call = args.steps_per_call
+    runners = {ours_name(impl, args.attention_impl):
+               ours_step(c, src, tgt[:, :-1], tgt[:, 1:], per_call)
+               for impl, c in configs.items()}
+    runners["flax nnx.MultiHeadAttention"] = peer_step(config, src, tgt[:, :-1], tgt[:, 1:],
+                                                       per_call)
     for run, _ in runners.values():  # compile and warm up
         for _ in range(2):
             jax.block_until_ready(run())
     times = {k: [] for k in runners}
     for _ in range(args.repeats):  # interleaved, so drift hits every framework alike
         for key, (run, _) in runners.items():
-            times[key].append(time_steps(run, args.steps))
+            total, host = time_steps(run, args.steps)
+            times[key].append((total / per_call, host / per_call))  # per train step
     params = {key: n for key, (_, n) in runners.items()}
     if not args.no_torch and jax.default_backend() in ("cpu", "gpu"):
         measured = torch_times(config, batch, length, args)
@@ -191,7 +236,7 @@ def bench_config(name: str, spec: dict, args) -> list[dict]:
                     seconds=statistics.median(total for total, _ in times[key]),
                     host_seconds=statistics.median(host for _, host in times[key]))
                for key, n_params in params.items()]
-    fastest_peer = min(r["seconds"] for r in results if r["framework"] != "flax_transformer")
+    fastest_peer = min(r["seconds"] for r in results if not r["framework"].startswith(OURS))
     for r in results:
         r["vs_fastest_peer"] = fastest_peer / r["seconds"]
     return results
@@ -214,21 +259,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per framework")
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size for every config (default: small 16, base 8)")
-    parser.add_argument("--attention-impl", default=TransformerConfig.attention_impl,
-                        choices=IMPLEMENTATIONS)
+    parser.add_argument("--attention-impl", nargs="+",
+                        default=[TransformerConfig.attention_impl], choices=IMPLEMENTATIONS,
+                        help="the library's attention implementation(s); several are timed "
+                             "side by side (default: %(default)s)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="compute dtype of every framework (auto: bfloat16 on GPU/TPU, "
                              "float32 on CPU); parameters stay float32")
+    parser.add_argument("--steps-per-call", type=int, default=1,
+                        help="train steps per jitted call of ours and the Flax peer "
+                             "(lax.scan; default 1, as train.py runs)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own, = cores)")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     common.add_malloc_flag(parser)
     args = parser.parse_args(argv)
-    for field in ("steps", "repeats", "batch"):
+    if len(set(args.attention_impl)) != len(args.attention_impl):
+        parser.error(f"--attention-impl lists an implementation twice: {args.attention_impl}")
+    for field in ("steps", "repeats", "batch", "steps_per_call"):
         value = getattr(args, field)
         if value is not None and value < 1:
-            parser.error(f"--{field} must be >= 1, got {value}")
+            parser.error(f"--{field.replace('_', '-')} must be >= 1, got {value}")
     return args
 
 
@@ -249,6 +301,10 @@ def main(argv=None) -> None:
         qualifiers.append(dtype.name)
     if args.batch:
         qualifiers.append(f"batch {args.batch}")
+    if args.steps_per_call > 1:
+        qualifiers.append(f"{args.steps_per_call} steps per call")
+    if args.attention_impl != [TransformerConfig.attention_impl]:
+        qualifiers.append(f"attention {'/'.join(args.attention_impl)}")
     section = f"bench_train ({', '.join(qualifiers)})"
     flags = " ".join(argv if argv is not None else sys.argv[1:])
     command = f"python -m benchmarks.bench_train {flags}".strip()

@@ -150,13 +150,46 @@ def test_time_steps_reports_total_and_host_time_per_step():
     assert len(calls) == 3 and 0 < host <= total
 
 
-@pytest.mark.parametrize("flag", ["--steps", "--repeats", "--batch"])
+@pytest.mark.parametrize("flag", ["--steps", "--repeats", "--batch", "--steps-per-call"])
 def test_bench_train_refuses_non_positive_counts(flag, capsys):
     from benchmarks.bench_train import parse_args
 
     with pytest.raises(SystemExit):
         parse_args([flag, "0"])
     assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_bench_train_times_several_attention_implementations_side_by_side(capsys):
+    from benchmarks.bench_train import OURS, ours_name, parse_args
+
+    args = parse_args(["--attention-impl", "dense", "xla"])
+    assert args.attention_impl == ["dense", "xla"]
+    assert [ours_name(i, args.attention_impl) for i in args.attention_impl] == [
+        f"{OURS} (dense)", f"{OURS} (xla)"]
+    assert ours_name("dense", ["dense"]) == OURS  # one implementation: the plain row name
+    with pytest.raises(SystemExit):
+        parse_args(["--attention-impl", "xla", "xla"])
+    assert "lists an implementation twice" in capsys.readouterr().err
+
+
+def test_repeat_steps_equals_as_many_single_steps():
+    """--steps-per-call K: one jitted call of K scanned steps gives the state K calls of one
+    step give (ours and the Flax peer), so its per-step times measure the same work."""
+    from benchmarks.bench_train import ours_step, peer_step
+
+    config = TransformerConfig.preset("tiny", src_vocab_size=40, tgt_vocab_size=40,
+                                      dropout_rate=0.1, max_len=8)
+    rng = np.random.default_rng(0)
+    src = jnp.asarray(rng.integers(4, 40, (2, 8)), jnp.int32)
+    tgt = jnp.asarray(rng.integers(4, 40, (2, 9)), jnp.int32)
+    for make in (ours_step, peer_step):
+        single, _ = make(config, src, tgt[:, :-1], tgt[:, 1:])
+        scanned, _ = make(config, src, tgt[:, :-1], tgt[:, 1:], steps_per_call=3)
+        losses = [float(single()) for _ in range(6)]  # steps 1..6, each its loss
+        # one call runs three steps and returns the last one's loss: steps 3 and 6
+        np.testing.assert_allclose([float(scanned()), float(scanned())],
+                                   [losses[2], losses[5]], rtol=2e-5)
+        assert len(set(losses)) == 6  # each step starts from a new state
 
 
 def test_bench_train_uses_the_best_peak_of_the_run(monkeypatch, capsys):

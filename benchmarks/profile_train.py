@@ -1,0 +1,192 @@
+"""Where a train step's time goes: kernels per step, device busy time, host time by activity,
+for ours and the Flax-layers peer (the models of `bench_train`).
+
+    python -m benchmarks.profile_train [--configs small] [--attention-impl dense xla]
+                                       [--steps 5] [--steps-per-call 1] [--trace-dir DIR]
+
+For each framework: the top-level ops of the compiled step's HLO (on a GPU each is about one
+kernel launch or one node of XLA's CUDA graph), then a `jax.profiler` trace of `--steps`
+calls, read back from its perfetto JSON: device ops per step, device busy ms per step (the
+sum of op durations), wall ms per step, and the host activities that take the most time per
+step (e.g. `cuGraphLaunch`). Where device busy time is far below wall time, the device waits
+on the host: fewer launches (or several steps per call, `--steps-per-call`) pay, faster
+kernels do not. On a CPU the trace has no device ops; the HLO count and host rows remain.
+Prints a table; nothing is written to RESULTS.md (the findings go there by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import bench_train, common
+from flax_transformer import TransformerConfig
+from flax_transformer.kernels import IMPLEMENTATIONS
+
+# HLO instructions that launch nothing: bookkeeping of buffers and tuples.
+NON_KERNEL_OPS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
+                  "opt-barrier"}
+_HLO_OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = .*? ([a-z][a-z0-9\-]*)\(")
+
+
+def entry_op_counts(hlo_text: str) -> collections.Counter:
+    """Opcodes of the ENTRY computation's instructions in compiled HLO text, minus those that
+    launch nothing (NON_KERNEL_OPS)."""
+    start = hlo_text.find("\nENTRY")
+    if start < 0:
+        raise ValueError("no ENTRY computation in this HLO text")
+    body = hlo_text[start:]
+    body = body[:body.find("\n}") if "\n}" in body else len(body)]
+    ops = collections.Counter()
+    for line in body.splitlines()[1:]:
+        match = _HLO_OP.match(line)
+        if match and match.group(1) not in NON_KERNEL_OPS:
+            ops[match.group(1)] += 1
+    return ops
+
+
+def self_times(events: list[dict]) -> collections.Counter:
+    """Microseconds per event name, each event's duration minus that of the events nested in
+    it on the same thread (so a wrapper such as "Execute" does not hide what it waits on)."""
+    totals = collections.Counter()
+    threads = collections.defaultdict(list)
+    for e in events:
+        threads[e["pid"], e["tid"]].append(e)
+    for thread in threads.values():
+        thread.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[list] = []  # [end, name, self time so far]
+        for e in thread:
+            while stack and e["ts"] >= stack[-1][0]:
+                end, name, own = stack.pop()
+                totals[name] += own
+            if stack:
+                stack[-1][2] -= e["dur"]
+            stack.append([e["ts"] + e["dur"], e["name"], e["dur"]])
+        for _, name, own in stack:
+            totals[name] += own
+    return totals
+
+
+def summarize_trace(events: list[dict], calls: int, top: int = 5) -> dict:
+    """Per-call figures from perfetto trace events (`traceEvents` of a `jax.profiler` trace):
+    device ops, device busy ms (op durations summed), device span ms (first op's start to last
+    op's end; 0 with no device ops) and the `top` host activities by self time in ms per call
+    (Python frames, named "$file:line ...", left out)."""
+    processes = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    on_device = ["/device:" in processes.get(e["pid"], "")
+                 and "CPU" not in processes.get(e["pid"], "") for e in complete]
+    device = [e for e, d in zip(complete, on_device) if d]
+    host = self_times([e for e, d in zip(complete, on_device)
+                       if not d and not e["name"].startswith("$")])
+    span = (max(e["ts"] + e["dur"] for e in device) - min(e["ts"] for e in device)
+            if device else 0.0)
+    return dict(device_ops=len(device) / calls,
+                device_busy_ms=sum(e["dur"] for e in device) / calls / 1e3,
+                device_span_ms=span / calls / 1e3,
+                host_top=[(name, us / calls / 1e3) for name, us in host.most_common(top)])
+
+
+def read_trace(trace_dir: Path) -> list[dict]:
+    """The events of the perfetto trace `jax.profiler.trace(..., create_perfetto_trace=True)`
+    wrote under `trace_dir`."""
+    found = sorted(trace_dir.rglob("perfetto_trace.json.gz"))
+    if not found:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(found[-1], "rt") as f:
+        trace = json.load(f)
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def profile(run, steps: int, trace_dir: Path) -> tuple[dict, float]:
+    """Trace `steps` calls of `run` (after warm-up); (summary, wall ms per call)."""
+    for _ in range(3):
+        jax.block_until_ready(run())
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        start = time.perf_counter()
+        for _ in range(steps):
+            value = run()
+        jax.block_until_ready(value)
+        wall = (time.perf_counter() - start) / steps * 1e3
+    return summarize_trace(read_trace(trace_dir), steps), wall
+
+
+def runners_for(name: str, args) -> dict:
+    """{framework: run} for one config, built as `bench_train` builds them."""
+    spec = bench_train.CONFIGS[name]
+    batch, length = spec["batch"], spec["length"]
+    dtype = bench_train.compute_dtype(args.dtype)
+    configs = {impl: TransformerConfig.preset("base", **spec["config"], dropout_rate=0.1,
+                                              max_len=length, dtype=dtype, attention_impl=impl)
+               for impl in args.attention_impl}
+    config = configs[args.attention_impl[0]]
+    rng = np.random.default_rng(0)
+    src = jnp.asarray(rng.integers(4, config.src_vocab_size, (batch, length)), jnp.int32)
+    tgt = jnp.asarray(rng.integers(4, config.tgt_vocab_size, (batch, length + 1)), jnp.int32)
+    k = args.steps_per_call
+    runners = {bench_train.ours_name(impl, args.attention_impl):
+               bench_train.ours_step(c, src, tgt[:, :-1], tgt[:, 1:], k)[0]
+               for impl, c in configs.items()}
+    runners["flax nnx.MultiHeadAttention"] = bench_train.peer_step(
+        config, src, tgt[:, :-1], tgt[:, 1:], k)[0]
+    return runners
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["small"],
+                        choices=list(bench_train.CONFIGS))
+    parser.add_argument("--attention-impl", nargs="+",
+                        default=[TransformerConfig.attention_impl], choices=IMPLEMENTATIONS)
+    parser.add_argument("--steps", type=common.positive_int, default=5,
+                        help="calls traced per framework (default 5)")
+    parser.add_argument("--steps-per-call", type=common.positive_int, default=1,
+                        help="train steps per jitted call, as in bench_train (default 1)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--trace-dir", type=Path, default=None,
+                        help="keep the traces here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    if len(set(args.attention_impl)) != len(args.attention_impl):
+        parser.error(f"--attention-impl lists an implementation twice: {args.attention_impl}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    header = ["config", "framework", "HLO ops", "device ops/step", "device busy ms/step",
+              "wall ms/step", "host ms/step, top activities"]
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        root = args.trace_dir or Path(scratch)
+        for name in args.configs:
+            for framework, run in runners_for(name, args).items():
+                ops = entry_op_counts(run.lower().compile().as_text())
+                slug = re.sub(r"[^a-z0-9]+", "-", f"{name} {framework}".lower()).strip("-")
+                summary, wall = profile(run, args.steps, root / slug)
+                k = args.steps_per_call
+                top = "; ".join(f"{n[:40]} {ms / k:.2f}" for n, ms in summary["host_top"])
+                rows.append([name, framework, sum(ops.values()),
+                             f"{summary['device_ops'] / k:.0f}",
+                             f"{summary['device_busy_ms'] / k:.2f}", f"{wall / k:.2f}", top])
+                print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    print(f"\n{common.describe_machine()}\n")
+    print(common.markdown_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
