@@ -198,9 +198,10 @@ def ours_name(impl: str, impls: list[str]) -> str:
     return OURS if len(impls) == 1 else f"{OURS} ({impl})"
 
 
-def bench_config(name: str, spec: dict, args) -> list[dict]:
-    """Times of ours (once per --attention-impl) and the peers on one config: one dict per
-    framework (seconds per step)."""
+def make_runners(spec: dict, args) -> tuple[TransformerConfig, int, int, dict]:
+    """(config, batch, length, {framework: (run, n_params)}) for one entry of CONFIGS: ours
+    once per `args.attention_impl`, then the Flax-layers peer, each running
+    `args.steps_per_call` steps per call on one batch of random tokens."""
     configs = {impl: TransformerConfig.preset("base", **spec["config"], dropout_rate=0.1,
                                               max_len=spec["length"],
                                               dtype=compute_dtype(args.dtype),
@@ -217,6 +218,14 @@ def bench_config(name: str, spec: dict, args) -> list[dict]:
                for impl, c in configs.items()}
     runners["flax nnx.MultiHeadAttention"] = peer_step(config, src, tgt[:, :-1], tgt[:, 1:],
                                                        per_call)
+    return config, batch, length, runners
+
+
+def bench_config(name: str, spec: dict, args) -> list[dict]:
+    """Times of ours (once per --attention-impl) and the peers on one config: one dict per
+    framework (seconds per step)."""
+    config, batch, length, runners = make_runners(spec, args)
+    per_call = args.steps_per_call
     for run, _ in runners.values():  # compile and warm up
         for _ in range(2):
             jax.block_until_ready(run())

@@ -30,8 +30,6 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import bench_train, common
 from flax_transformer import TransformerConfig
@@ -126,27 +124,6 @@ def profile(run, steps: int, trace_dir: Path) -> tuple[dict, float]:
     return summarize_trace(read_trace(trace_dir), steps), wall
 
 
-def runners_for(name: str, args) -> dict:
-    """{framework: run} for one config, built as `bench_train` builds them."""
-    spec = bench_train.CONFIGS[name]
-    batch, length = spec["batch"], spec["length"]
-    dtype = bench_train.compute_dtype(args.dtype)
-    configs = {impl: TransformerConfig.preset("base", **spec["config"], dropout_rate=0.1,
-                                              max_len=length, dtype=dtype, attention_impl=impl)
-               for impl in args.attention_impl}
-    config = configs[args.attention_impl[0]]
-    rng = np.random.default_rng(0)
-    src = jnp.asarray(rng.integers(4, config.src_vocab_size, (batch, length)), jnp.int32)
-    tgt = jnp.asarray(rng.integers(4, config.tgt_vocab_size, (batch, length + 1)), jnp.int32)
-    k = args.steps_per_call
-    runners = {bench_train.ours_name(impl, args.attention_impl):
-               bench_train.ours_step(c, src, tgt[:, :-1], tgt[:, 1:], k)[0]
-               for impl, c in configs.items()}
-    runners["flax nnx.MultiHeadAttention"] = bench_train.peer_step(
-        config, src, tgt[:, :-1], tgt[:, 1:], k)[0]
-    return runners
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["small"],
@@ -155,6 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         default=[TransformerConfig.attention_impl], choices=IMPLEMENTATIONS)
     parser.add_argument("--steps", type=common.positive_int, default=5,
                         help="calls traced per framework (default 5)")
+    parser.add_argument("--batch", type=common.positive_int, default=None,
+                        help="batch size for every config (default: small 16, base 8)")
     parser.add_argument("--steps-per-call", type=common.positive_int, default=1,
                         help="train steps per jitted call, as in bench_train (default 1)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -174,7 +153,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = args.trace_dir or Path(scratch)
         for name in args.configs:
-            for framework, run in runners_for(name, args).items():
+            runners = bench_train.make_runners(bench_train.CONFIGS[name], args)[3]
+            for framework, (run, _) in runners.items():
                 ops = entry_op_counts(run.lower().compile().as_text())
                 slug = re.sub(r"[^a-z0-9]+", "-", f"{name} {framework}".lower()).strip("-")
                 summary, wall = profile(run, args.steps, root / slug)
