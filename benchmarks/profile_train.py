@@ -7,9 +7,11 @@ for ours and the Flax-layers peer (the models of `bench_train`).
 For each framework: the top-level ops of the compiled step's HLO (on a GPU each is about one
 kernel launch or one node of XLA's CUDA graph), then a `jax.profiler` trace of `--steps`
 calls, read back from its perfetto JSON: device ops per step, device busy ms per step (the
-sum of op durations), wall ms per step, and the host activities that take the most time per
-step (e.g. `cuGraphLaunch`). Where device busy time is far below wall time, the device waits
-on the host: fewer launches (or several steps per call, `--steps-per-call`) pay, faster
+sum of op durations), device span ms per step (first op's start to last op's end), wall ms
+per step (under the profiler), and the host activities with the most self time per step
+(e.g. `cuGraphLaunch`). With `--steps-per-call K` the HLO count is of the call (its loop is
+one op) and the other columns are divided by K. Where device busy time is far below wall
+time, the device waits on the host: fewer launches (or several steps per call) pay, faster
 kernels do not. On a CPU the trace has no device ops; the HLO count and host rows remain.
 Prints a table; nothing is written to RESULTS.md (the findings go there by hand).
 """
@@ -148,7 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     header = ["config", "framework", "HLO ops", "device ops/step", "device busy ms/step",
-              "wall ms/step", "host ms/step, top activities"]
+              "device span ms/step", "wall ms/step", "host ms/step, top activities"]
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         root = args.trace_dir or Path(scratch)
@@ -162,7 +164,8 @@ def main(argv=None) -> None:
                 top = "; ".join(f"{n[:40]} {ms / k:.2f}" for n, ms in summary["host_top"])
                 rows.append([name, framework, sum(ops.values()),
                              f"{summary['device_ops'] / k:.0f}",
-                             f"{summary['device_busy_ms'] / k:.2f}", f"{wall / k:.2f}", top])
+                             f"{summary['device_busy_ms'] / k:.2f}",
+                             f"{summary['device_span_ms'] / k:.2f}", f"{wall / k:.2f}", top])
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
     print(f"\n{common.describe_machine()}\n")
     print(common.markdown_table(header, rows))
