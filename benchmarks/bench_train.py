@@ -261,11 +261,9 @@ def table_row(r: dict, peak: float, datasheet: float | None) -> list:
             f"{r['vs_fastest_peer']:.2f}x"]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per framework")
+def add_runner_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags `make_runners` reads (shared with profile_train): --batch, --attention-impl,
+    --dtype, --steps-per-call; check them with `check_runner_flags`."""
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size for every config (default: small 16, base 8)")
     parser.add_argument("--attention-impl", nargs="+",
@@ -278,18 +276,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps-per-call", type=int, default=1,
                         help="train steps per jitted call of ours and the Flax peer "
                              "(lax.scan; default 1, as train.py runs)")
+
+
+def check_runner_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                       counts: tuple[str, ...] = ()) -> None:
+    """Usage errors (naming the flag) for the runner flags and the `counts` fields."""
+    if len(set(args.attention_impl)) != len(args.attention_impl):
+        parser.error(f"--attention-impl lists an implementation twice: {args.attention_impl}")
+    for field in (*counts, "batch", "steps_per_call"):
+        value = getattr(args, field)
+        if value is not None and value < 1:
+            parser.error(f"--{field.replace('_', '-')} must be >= 1, got {value}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per framework")
+    add_runner_flags(parser)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own, = cores)")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     common.add_malloc_flag(parser)
     args = parser.parse_args(argv)
-    if len(set(args.attention_impl)) != len(args.attention_impl):
-        parser.error(f"--attention-impl lists an implementation twice: {args.attention_impl}")
-    for field in ("steps", "repeats", "batch", "steps_per_call"):
-        value = getattr(args, field)
-        if value is not None and value < 1:
-            parser.error(f"--{field.replace('_', '-')} must be >= 1, got {value}")
+    check_runner_flags(parser, args, counts=("steps", "repeats"))
     return args
 
 

@@ -34,8 +34,6 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import jax
 
 from benchmarks import bench_train, common
-from flax_transformer import TransformerConfig
-from flax_transformer.kernels import IMPLEMENTATIONS
 
 # HLO instructions that launch nothing: bookkeeping of buffers and tuples.
 NON_KERNEL_OPS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
@@ -130,20 +128,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["small"],
                         choices=list(bench_train.CONFIGS))
-    parser.add_argument("--attention-impl", nargs="+",
-                        default=[TransformerConfig.attention_impl], choices=IMPLEMENTATIONS)
-    parser.add_argument("--steps", type=common.positive_int, default=5,
+    parser.add_argument("--steps", type=int, default=5,
                         help="calls traced per framework (default 5)")
-    parser.add_argument("--batch", type=common.positive_int, default=None,
-                        help="batch size for every config (default: small 16, base 8)")
-    parser.add_argument("--steps-per-call", type=common.positive_int, default=1,
-                        help="train steps per jitted call, as in bench_train (default 1)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    bench_train.add_runner_flags(parser)
     parser.add_argument("--trace-dir", type=Path, default=None,
                         help="keep the traces here (default: a temporary directory)")
     args = parser.parse_args(argv)
-    if len(set(args.attention_impl)) != len(args.attention_impl):
-        parser.error(f"--attention-impl lists an implementation twice: {args.attention_impl}")
+    bench_train.check_runner_flags(parser, args, counts=("steps",))
     return args
 
 
