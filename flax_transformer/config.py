@@ -9,6 +9,7 @@ from typing import Any, Self
 import numpy as np
 
 from .kernels import ACTIVATIONS, IMPLEMENTATIONS
+from .runtime import native_compute_dtype
 
 NORMS = ("post", "pre")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -70,8 +71,10 @@ class TransformerConfig(ConfigMethods):
 
     norm: "post" is the paper's Add&Norm, LayerNorm(x + Sublayer(x)); "pre" is
         x + Sublayer(LayerNorm(x)) with a final LayerNorm after each stack.
-    dtype: compute dtype ("bfloat16" on GPU/TPU and AVX512-BF16 CPUs); param_dtype: storage
-        dtype of parameters.
+    dtype: compute dtype: "float32", "bfloat16", "float16", or "auto", replaced at
+        construction by `runtime.native_compute_dtype()` (bfloat16 on GPU/TPU and on CPUs with
+        bf16 dot-product units, AVX512-BF16 or AMX; float32 elsewhere; asking starts JAX);
+        param_dtype: storage dtype of parameters.
     attention_impl: "dense" (the default: full score matrix, hand-written backward pass, the
         fastest for short sequences), "vmap" (the reference), "xla"
         (jax.nn.dot_product_attention) or "blockwise" (memory O(T), for long sequences).
@@ -127,12 +130,15 @@ class TransformerConfig(ConfigMethods):
                 f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}; e.g. 1e-6"
             )
         choices = {"norm": NORMS, "activation": tuple(ACTIVATIONS),
-                   "dtype": DTYPES, "param_dtype": DTYPES, "attention_impl": IMPLEMENTATIONS}
+                   "dtype": (*DTYPES, "auto"), "param_dtype": DTYPES,
+                   "attention_impl": IMPLEMENTATIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} is not known; choose one of {allowed}"
                 )
+        if self.dtype == "auto":  # stored resolved: a saved config names what it computed in
+            object.__setattr__(self, "dtype", native_compute_dtype())
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError(
                 "share_embeddings=True needs src_vocab_size == tgt_vocab_size, got "

@@ -129,24 +129,26 @@ def test_every_training_matmul_takes_bf16_operands_and_sums_in_float32(rng):
         assert eqn.outvars[0].aval.dtype == jnp.float32
 
 
-def test_cpu_and_default_weight_gradients_agree(rng):
+@pytest.mark.parametrize("d, f", [(16, 8), (8, 16)])  # g narrower (copies g^T), x narrower
+def test_cpu_and_default_weight_gradients_agree(rng, d, f):
     """The two forms of x^T g behind `lax.platform_dependent` (only one runs per backend)."""
-    x, g = inputs(rng, (24, 16), (24, 8), jnp.bfloat16)
+    x, g = inputs(rng, (24, d), (24, f), jnp.bfloat16)
     cpu = matmul._weight_grad_cpu(x, g, jnp.float32)
     default = matmul._weight_grad(x, g, jnp.float32)
     exact = np.asarray(x, np.float64).T @ np.asarray(g, np.float64)
-    assert cpu.shape == default.shape == (16, 8)
+    assert cpu.shape == default.shape == (d, f)
     np.testing.assert_allclose(cpu, exact, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(default, exact, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's bf16 dot kernels")
-def test_compiled_cpu_dots_read_bf16_operands(rng):
+@pytest.mark.parametrize("f", [96, 32])  # x^T copied for the weight gradient, then g^T
+def test_compiled_cpu_dots_read_bf16_operands(rng, f):
     """XLA:CPU upcasts a bf16 dot it has no bf16 kernel for (e.g. x^T g contracting the
     first axis of both) to a float32 dot; in the compiled forward and backward every dot
     must still read bf16 operands."""
-    x, w = inputs(rng, (4, 32, 64), (64, 96), jnp.bfloat16)
-    g = jnp.ones((4, 32, 96), jnp.bfloat16)
+    x, w = inputs(rng, (4, 32, 64), (64, f), jnp.bfloat16)
+    g = jnp.ones((4, 32, f), jnp.bfloat16)
 
     def forward_backward(x, w, g):
         out, vjp = jax.vjp(project, x, w)
@@ -159,3 +161,48 @@ def test_compiled_cpu_dots_read_bf16_operands(rng):
             dot_operands += re.findall(r"= (\w+)\[[\d,]*\]\S* parameter\(", computation)
     assert len(dot_operands) == 6, hlo  # forward, dx, dw: two operands each
     assert set(dot_operands) == {"bf16"}
+
+
+@pytest.mark.parametrize("w_shape", [(16, 24), (16, 3, 8)])
+def test_float32_bias_is_exactly_the_plain_sum(rng, w_shape):
+    x, w = inputs(rng, (2, 5, 16), w_shape, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(w_shape[1:]), jnp.float32)
+    np.testing.assert_array_equal(project(x, w, b), jnp.tensordot(x, w, axes=1) + b)
+    ours = jax.grad(lambda x, w, b: jnp.sum(jnp.sin(project(x, w, b))), (0, 1, 2))(x, w, b)
+    plain = jax.grad(lambda x, w, b: jnp.sum(jnp.sin(jnp.tensordot(x, w, axes=1) + b)),
+                     (0, 1, 2))(x, w, b)
+    for a, p in zip(ours, plain):
+        np.testing.assert_array_equal(a, p)
+
+
+@pytest.mark.parametrize("w_shape", [(64, 48), (64, 3, 16)])
+def test_low_precision_bias_is_added_before_the_one_rounding(rng, w_shape):
+    """bf16 x and w with a float32 bias: bf16 result, the correctly rounded x @ w + b."""
+    x, w = inputs(rng, (3, 7, 64), w_shape, jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal(w_shape[1:]) * 3, jnp.float32)
+    out = project(x, w, b)
+    assert out.dtype == jnp.bfloat16 and out.shape == (3, 7, *w_shape[1:])
+    exact = reference(x, w) + np.asarray(b, np.float64)
+    rounded = np.asarray(jnp.asarray(exact, jnp.bfloat16), np.float64)
+    assert np.all(np.abs(np.asarray(out, np.float64) - rounded) <= 2.0 ** -7 * np.abs(exact)
+                  + 1e-5)
+
+
+def test_low_precision_bias_gradient_is_a_float32_sum(rng):
+    """db is the column sum of the incoming gradient, summed in float32, in b's dtype; dx
+    and dw are unchanged by the bias."""
+    x, w = inputs(rng, (4, 6, 32), (32, 40), jnp.bfloat16)
+    b = jnp.zeros((40,), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((4, 6, 40)), jnp.bfloat16)
+    dx, dw, db = jax.vjp(project, x, w, b)[1](g)
+    assert db.dtype == jnp.float32 and dx.dtype == dw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(db, np.asarray(g, np.float64).sum(axis=(0, 1)), rtol=1e-6,
+                               atol=1e-5)
+    no_bias = jax.vjp(project, x, w)[1](g)
+    np.testing.assert_array_equal(dx, no_bias[0])
+    np.testing.assert_array_equal(dw, no_bias[1])
+
+
+def test_a_bias_of_the_wrong_shape_is_refused():
+    with pytest.raises(ValueError, match=r"bias b \(8,\) must have w's output shape \(4,\)"):
+        project(jnp.zeros((2, 16)), jnp.zeros((16, 4)), jnp.zeros((8,)))

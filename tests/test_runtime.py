@@ -4,9 +4,11 @@ import platform
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from benchmarks.common import configure_malloc, malloc_note
+from flax_transformer import TransformerConfig, runtime
 from flax_transformer.runtime import (
     KEEP_FREED_MEMORY_ENV,
     accelerator_expected,
@@ -80,3 +82,33 @@ def test_keep_freed_memory_can_be_forced_on_an_accelerator():
     code = ("from flax_transformer.runtime import keep_freed_memory; "
             "print(keep_freed_memory(), keep_freed_memory(on_accelerator=True))")
     assert child_stdout(code, jax_platforms="cuda").split() == ["False", "True"]
+
+
+@pytest.mark.parametrize("backend, flags, expected", [
+    ("gpu", set(), "bfloat16"),
+    ("tpu", set(), "bfloat16"),
+    ("cpu", {"avx2", "fma"}, "float32"),  # bf16 products emulated: float32 is faster
+    ("cpu", {"avx512f", "avx512_bf16"}, "bfloat16"),  # Zen 4, Cooper Lake
+    ("cpu", {"avx512f", "amx_bf16", "amx_tile"}, "bfloat16"),  # Sapphire Rapids
+])
+def test_native_compute_dtype(backend, flags, expected):
+    assert runtime.native_compute_dtype(backend, flags) == expected
+
+
+def test_cpu_flags_reads_the_flags_line(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 amx_bf16\n\n"
+                       "processor\t: 1\nflags\t\t: fpu sse2 amx_bf16\n")
+    assert runtime.cpu_flags(str(cpuinfo)) == {"fpu", "sse2", "amx_bf16"}
+    assert runtime.cpu_flags(str(tmp_path / "absent")) == set()
+
+
+def test_auto_dtype_is_resolved_when_the_config_is_built(monkeypatch):
+    """dtype="auto" never reaches a model or a saved config: it becomes the machine's pick."""
+    assert TransformerConfig(dtype="auto").dtype == runtime.native_compute_dtype()
+    for flags, expected in (({"amx_bf16"}, "bfloat16"), ({"avx2"}, "float32")):
+        monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+        config = TransformerConfig.preset("tiny", dtype="auto")
+        assert config.dtype == expected and config.to_dict()["dtype"] == expected
+        assert TransformerConfig.from_dict(config.to_dict()) == config

@@ -62,11 +62,5 @@ def feed_forward(
     """
     act = get_activation(activation)
     check_feed_forward_shapes(x, w1, b1, w2, b2)
-    h = project(x, w1)
-    if b1 is not None:
-        h = h + b1
-    h = act(h)
-    y = project(h, w2)
-    if b2 is not None:
-        y = y + b2
-    return y
+    h = act(project(x, w1, b1))
+    return project(h, w2, b2)

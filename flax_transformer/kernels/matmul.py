@@ -1,9 +1,11 @@
-"""`project`: x @ w for the model's projections, accumulating low-precision inputs in float32.
+"""`project`: x @ w (+ b) for the model's projections, accumulating low-precision inputs in
+float32.
 
-For float32 (or float64) inputs `project` is exactly `x @ w`, computed as one 2-D matmul. For
-bfloat16 and float16 inputs every product is accumulated in float32 and rounded once to the
-input dtype, forward and backward (a `jax.custom_vjp`: the incoming gradient is rounded to the
-compute dtype, so all three matmuls of a training step take low-precision operands). That is
+For float32 (or float64) inputs `project` is exactly `x @ w + b`, computed as one 2-D matmul.
+For bfloat16 and float16 inputs every product is accumulated in float32, the bias added in
+float32, and the sum rounded once to the input dtype, forward and backward (a
+`jax.custom_vjp`: the incoming gradient is rounded to the compute dtype, so all three matmuls
+of a training step take low-precision operands; the bias gradient is a float32 sum). That is
 what GPUs and TPUs do inside a bf16 matmul anyway; on CPUs with bf16 dot-product instructions
 (AVX512-BF16, AMX), XLA only uses them for dots whose output is float32, so a plain bf16
 `x @ w` runs as an emulated float32 matmul and is no faster than float32. On CPU the weight
@@ -30,22 +32,29 @@ def _dot(a: jnp.ndarray, b: jnp.ndarray, contract: tuple[int, int], out_dtype) -
 
 
 @jax.custom_vjp
-def _project_low_precision(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """rows x [N, D] @ w [D, F] -> [N, F], float32 sums rounded once to x.dtype"""
-    return _dot(x, w, (1, 0), x.dtype)
+def _project_low_precision(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None):
+    """rows x [N, D] @ w [D, F] (+ b [F]) -> [N, F], float32 sums rounded once to x.dtype"""
+    y = _dot(x, w, (1, 0), jnp.float32)
+    if b is not None:
+        y = y + b.astype(jnp.float32)
+    return y.astype(x.dtype)
 
 
-def _project_fwd(x, w):
-    return _project_low_precision(x, w), (x, w)
+def _project_fwd(x, w, b):
+    return _project_low_precision(x, w, b), (x, w, b)
 
 
 def _project_bwd(residuals, g):
-    x, w = residuals
+    x, w, b = residuals
+    # The bias gradient, summed in float32 from the gradient as it arrives. Left to
+    # autodiff (a bf16 broadcast's transpose), XLA:CPU sums it through a separate float32
+    # copy and a tree of reduce-windows: ~30% of a bf16 G2P train step (RESULTS.md).
+    db = None if b is None else jnp.sum(g.astype(jnp.float32), axis=0).astype(b.dtype)
     g = g.astype(x.dtype)
     dx = _dot(g, w, (1, 1), x.dtype)  # g [N, F] . w [D, F] over F -> [N, D]
     dw = lax.platform_dependent(x, g, cpu=partial(_weight_grad_cpu, dtype=w.dtype),
                                 default=partial(_weight_grad, dtype=w.dtype))
-    return dx, dw
+    return dx, dw, db
 
 
 def _weight_grad(rows_x, rows_g, dtype):
@@ -54,30 +63,41 @@ def _weight_grad(rows_x, rows_g, dtype):
 
 
 def _weight_grad_cpu(rows_x, rows_g, dtype):
-    """`_weight_grad` with x^T materialised for XLA:CPU's bf16 matmul kernels.
+    """`_weight_grad` with an operand transposed in memory for XLA:CPU's bf16 matmul kernels.
 
     XLA:CPU gives a bf16 dot to its bf16 kernels only when both operands contract their last
     axis or the lhs its last and the rhs its first, in row-major memory; x^T g does not, so it
-    would run as an upcast float32 matmul (about half as fast on AVX512-BF16). A plain x.T is
-    folded back into the dot (or given a column-major layout), so x^T is concatenated with a
-    zero row, a real copy XLA keeps; the matching output row is dropped.
+    would run as an upcast float32 matmul (about half as fast on AVX512-BF16, a third on
+    AMX). A plain x.T is folded back into the dot (or given a column-major layout), so the
+    smaller of x^T [D, N] and g^T [F, N] is concatenated with a zero row, a real copy XLA
+    keeps, and the matching output row is dropped: x^T g directly, or (g^T x)^T when g is
+    the narrower (an FFN's W2 gradient: 3x faster than copying the wider x).
     """
-    padded = jnp.concatenate([rows_x.T, jnp.zeros((1, rows_x.shape[0]), rows_x.dtype)])
+    n = rows_x.shape[0]
+    if rows_g.shape[1] < rows_x.shape[1]:
+        padded = jnp.concatenate([rows_g.T, jnp.zeros((1, n), rows_g.dtype)])
+        return _dot(padded, rows_x, (1, 0), dtype)[:-1].T
+    padded = jnp.concatenate([rows_x.T, jnp.zeros((1, n), rows_x.dtype)])
     return _dot(padded, rows_g, (1, 0), dtype)[:-1]
 
 
 _project_low_precision.defvjp(_project_fwd, _project_bwd)
 
 
-def project(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """x [..., D] @ w [D, F] -> [..., F] (float32 accumulation for bf16/f16).
+def project(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None = None) -> jnp.ndarray:
+    """x [..., D] @ w [D, F] (+ b [F]) -> [..., F] (float32 accumulation for bf16/f16).
 
-    w may have more trailing axes, w [D, *F]: the result is then [..., *F]. Inputs of
-    different dtypes are promoted first, as by `x @ w`.
+    w may have more trailing axes, w [D, *F] (and b [*F]): the result is then [..., *F].
+    x and w of different dtypes are promoted first, as by `x @ w`; the result has that dtype
+    whatever b's (a float32 bias is added before the one rounding to bf16, and its gradient
+    is float32).
     """
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"project: x {x.shape} and w {w.shape} do not chain (last axis of x "
                          "must equal the first axis of w)")
+    if b is not None and tuple(b.shape) != tuple(w.shape[1:]):
+        raise ValueError(f"project: bias b {b.shape} must have w's output shape "
+                         f"{tuple(w.shape[1:])} (w {w.shape})")
     dtype = jnp.result_type(x, w)  # mixed inputs promote as `x @ w` would
     x, w = x.astype(dtype), w.astype(dtype)
     # As one 2-D matmul, rows [N, D] @ w [D, F]: its autodiff backward is then two plain
@@ -85,7 +105,7 @@ def project(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     # backward pass, which XLA:CPU relays out (3-7% of a float32 train step, RESULTS.md).
     rows, w2d = x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1)
     if _accumulates_in_float32(x.dtype):
-        y = _project_low_precision(rows, w2d)
-    else:
-        y = rows @ w2d
-    return y.reshape(*x.shape[:-1], *w.shape[1:])
+        b1d = None if b is None else b.reshape(-1)
+        return _project_low_precision(rows, w2d, b1d).reshape(*x.shape[:-1], *w.shape[1:])
+    y = (rows @ w2d).reshape(*x.shape[:-1], *w.shape[1:])
+    return y if b is None else y + b.astype(dtype)

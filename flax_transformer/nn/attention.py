@@ -63,22 +63,25 @@ class MultiHeadAttention(nnx.Module):
 
     def query(self, x: jnp.ndarray) -> jnp.ndarray:
         """Q W^Q for all heads: x [B, Tq, D] -> [B, Tq, H, Dh]"""
-        q = project(x.astype(self.dtype), self.query_kernel[...].astype(self.dtype))
-        return self._split_heads(q + self.query_bias[...].astype(self.dtype))
+        q = project(x.astype(self.dtype), self.query_kernel[...].astype(self.dtype),
+                    self.query_bias[...])
+        return self._split_heads(q)
 
     def key_value(self, context: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """K W^K and V W^V for all heads: context [B, Tk, D] -> two [B, Tk, H, Dh]"""
-        kv = project(context.astype(self.dtype), self.key_value_kernel[...].astype(self.dtype))
-        kv = kv + self.key_value_bias[...].astype(self.dtype)
-        return self._split_heads(kv[:, :, 0]), self._split_heads(kv[:, :, 1])
+        kv = project(context.astype(self.dtype), self.key_value_kernel[...].astype(self.dtype),
+                     self.key_value_bias[...])
+        k, v = jnp.split(kv, 2, axis=2)  # backward: one concatenate (see query_key_value)
+        return self._split_heads(k[:, :, 0]), self._split_heads(v[:, :, 0])
 
     def query_key_value(self, x: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
         """Fused self-attention projections: x [B, T, D] -> q, k, v each [B, T, H, Dh]"""
         w = jnp.concatenate([self.query_kernel[...][:, None], self.key_value_kernel[...]], axis=1)
         b = jnp.concatenate([self.query_bias[...][None], self.key_value_bias[...]], axis=0)
-        qkv = project(x.astype(self.dtype), w.astype(self.dtype))
-        qkv = qkv + b.astype(self.dtype)
-        return tuple(self._split_heads(qkv[:, :, i]) for i in range(3))
+        qkv = project(x.astype(self.dtype), w.astype(self.dtype), b)
+        # split, not three slices: the gradient is then one concatenate, where the slices'
+        # pads and adds made XLA:CPU's slowest fusion of a bf16 step (RESULTS.md)
+        return tuple(self._split_heads(t[:, :, 0]) for t in jnp.split(qkv, 3, axis=2))
 
     def attend(self, q, k, v, mask=None, *, causal: bool = False) -> jnp.ndarray:
         """Attention in every head, heads concatenated, then W^O: -> [B, Tq, D]"""
@@ -96,8 +99,7 @@ class MultiHeadAttention(nnx.Module):
     def _output(self, heads: jnp.ndarray) -> jnp.ndarray:
         """Concat(head_1, ..., head_H) W^O: heads [B, T, H, Dh] -> [B, T, D]"""
         concat = heads.reshape(*heads.shape[:2], -1)
-        out = project(concat, self.output_kernel[...].astype(self.dtype))
-        return out + self.output_bias[...].astype(self.dtype)
+        return project(concat, self.output_kernel[...].astype(self.dtype), self.output_bias[...])
 
     def __call__(
         self,

@@ -26,9 +26,10 @@ class FeedForward(nnx.Module):
         self.b2 = nnx.Param(jnp.zeros((d,), pdt))
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        # biases stay in their dtype: `project` adds them before its one rounding
         cast = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        return feed_forward(x.astype(self.dtype), cast(self.w1), cast(self.b1), cast(self.w2),
-                            cast(self.b2), activation=self.activation)
+        return feed_forward(x.astype(self.dtype), cast(self.w1), self.b1[...], cast(self.w2),
+                            self.b2[...], activation=self.activation)
 
 
 class Dropout(nnx.Module):

@@ -109,8 +109,7 @@ class Transformer(nnx.Module):
         if self.output is None:  # tied: y E^T with the target embedding E [V, D]
             out = project(y, self.target_embedding.embedding[...].astype(self.dtype).T)
         else:
-            out = project(y, self.output.kernel[...].astype(self.dtype))
-            out = out + self.output.bias[...].astype(self.dtype)
+            out = project(y, self.output.kernel[...].astype(self.dtype), self.output.bias[...])
         return out.astype(jnp.float32)
 
     def encode(self, src: jnp.ndarray) -> jnp.ndarray:

@@ -187,7 +187,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
         "smoke test: a tiny model on the synthetic copy task, about a minute"),
     "g2p": RunPreset(
         "small", dict(d_model=128, num_heads=4, d_ff=512, num_encoder_layers=2,
-                      num_decoder_layers=2, dropout_rate=0.0, max_len=48),
+                      num_decoder_layers=2, dropout_rate=0.0, max_len=48, dtype="auto"),
         dict(task="g2p", steps=6000, batch_size=256, num_buckets=5, log_every=50,
              eval_every=2000, checkpoint_every=2000, lr_schedule="cosine", learning_rate=3e-3,
              warmup_steps=200, min_lr_ratio=0.05, grad_clip=1.0, decode="beam", beam_size=4,

@@ -175,7 +175,8 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
          f"{len(task.test)} test examples ({cut} train examples cut to max_len={max_len}); "
          f"buckets {buckets}")
     _say(f"model: {count_params(state.params):,} parameters, d_model {model_config.d_model}, "
-         f"{model_config.num_encoder_layers}+{model_config.num_decoder_layers} layers; "
+         f"{model_config.num_encoder_layers}+{model_config.num_decoder_layers} layers, "
+         f"{model_config.dtype} compute; "
          f"{'resuming at' if resume else origin} step {start_step} of {config.steps}")
 
     train_step = make_train_step(parts, tx, label_smoothing=config.label_smoothing)
