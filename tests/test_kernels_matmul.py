@@ -206,3 +206,52 @@ def test_low_precision_bias_gradient_is_a_float32_sum(rng):
 def test_a_bias_of_the_wrong_shape_is_refused():
     with pytest.raises(ValueError, match=r"bias b \(8,\) must have w's output shape \(4,\)"):
         project(jnp.zeros((2, 16)), jnp.zeros((16, 4)), jnp.zeros((8,)))
+
+
+def test_unembed_is_x_times_the_table_transposed(rng):
+    """float32: exactly `x @ table.T`, values and gradients; the tied output layer."""
+    x, table = inputs(rng, (2, 5, 16), (24, 16), jnp.float32)
+    np.testing.assert_array_equal(matmul.unembed(x, table), x @ table.T)
+    ours = jax.grad(lambda x, t: jnp.sum(jnp.sin(matmul.unembed(x, t))), (0, 1))(x, table)
+    plain = jax.grad(lambda x, t: jnp.sum(jnp.sin(x @ t.T)), (0, 1))(x, table)
+    for a, p in zip(ours, plain):
+        np.testing.assert_array_equal(a, p)
+
+
+def test_unembed_low_precision_matches_float64(rng):
+    x, table = inputs(rng, (4, 6, 32), (40, 32), jnp.bfloat16)
+    out = matmul.unembed(x, table)
+    exact = np.asarray(x, np.float64) @ np.asarray(table, np.float64).T
+    assert out.dtype == jnp.bfloat16 and out.shape == (4, 6, 40)
+    assert relative_error(out, exact) < 2.0 ** -7
+    g = jnp.asarray(rng.standard_normal((4, 6, 40)), jnp.bfloat16)
+    dx, dtable = jax.vjp(matmul.unembed, x, table)[1](g)
+    assert dx.dtype == dtable.dtype == jnp.bfloat16 and dtable.shape == (40, 32)
+    g64, x64 = np.asarray(g, np.float64), np.asarray(x, np.float64)
+    assert relative_error(dx, g64 @ np.asarray(table, np.float64)) < 1e-2
+    assert relative_error(dtable, np.einsum("btv,btd->vd", g64, x64)) < 1e-2
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's bf16 dot kernels")
+def test_compiled_unembed_dots_read_bf16_operands(rng):
+    """With `project(x, table.T)` XLA:CPU laid the shared transposed table out column-major
+    and ran the forward and dx matmuls upcast to float32; `unembed` keeps all three bf16."""
+    x = jnp.asarray(rng.standard_normal((64, 32)), jnp.bfloat16)
+    table = jnp.asarray(rng.standard_normal((1000, 32)), jnp.float32)
+
+    def loss(x, table):
+        logits = matmul.unembed(x, table.astype(jnp.bfloat16)).astype(jnp.float32)
+        return jnp.sum(jax.nn.log_softmax(logits))
+
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, table).compile().as_text()
+    dot_operands = []
+    for computation in hlo.split("\n\n"):
+        if " dot(" in computation:
+            dot_operands += re.findall(r"= (\w+)\[[\d,]*\]\S* parameter\(", computation)
+    assert len(dot_operands) == 6, hlo  # forward, dx, dtable: two operands each
+    assert set(dot_operands) == {"bf16"}
+
+
+def test_unembed_shapes_that_do_not_fit_are_refused():
+    with pytest.raises(ValueError, match="do not fit"):
+        matmul.unembed(jnp.zeros((2, 16)), jnp.zeros((10, 8)))

@@ -13,7 +13,7 @@ from .dropout import dropout
 from .feed_forward import ACTIVATIONS, feed_forward, get_activation
 from .layer_norm import layer_norm
 from .masks import causal_mask, combine_masks, padding_mask
-from .matmul import project
+from .matmul import project, unembed
 from .positional import sinusoidal_positions
 
 __all__ = [
@@ -33,4 +33,5 @@ __all__ = [
     "single_head_attention",
     "softmax_cross_entropy",
     "sinusoidal_positions",
+    "unembed",
 ]

@@ -109,3 +109,43 @@ def project(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None = None) -> jnp
         return _project_low_precision(rows, w2d, b1d).reshape(*x.shape[:-1], *w.shape[1:])
     y = (rows @ w2d).reshape(*x.shape[:-1], *w.shape[1:])
     return y if b is None else y + b.astype(dtype)
+
+
+@jax.custom_vjp
+def _unembed_low_precision(x: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
+    """rows x [N, D] . table [V, D] over D -> [N, V], float32 sums rounded once to x.dtype"""
+    return _dot(x, table, (1, 1), x.dtype)
+
+
+def _unembed_fwd(x, table):
+    return _unembed_low_precision(x, table), (x, table)
+
+
+def _unembed_bwd(residuals, g):
+    x, table = residuals
+    g = g.astype(x.dtype)
+    dx = _dot(g, table, (1, 0), x.dtype)  # g [N, V] . table [V, D] over V -> [N, D]
+    dtable = lax.platform_dependent(g, x, cpu=partial(_weight_grad_cpu, dtype=table.dtype),
+                                    default=partial(_weight_grad, dtype=table.dtype))
+    return dx, dtable  # g^T x [V, D]
+
+
+_unembed_low_precision.defvjp(_unembed_fwd, _unembed_bwd)
+
+
+def unembed(x: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
+    """x [..., D] @ table [V, D]^T -> [..., V]: the pre-softmax projection tied to an embedding
+    table, read in its stored layout (float32 accumulation for bf16/f16, as `project`).
+
+    `project(x, table.T)` computes the same, but in bf16 XLA:CPU then gives the shared
+    transposed table a column-major layout and runs the forward and input-gradient matmuls
+    upcast to float32 (RESULTS.md); here each matmul reads the table row-major.
+    """
+    if x.shape[-1] != table.shape[-1] or table.ndim != 2:
+        raise ValueError(f"unembed: x {x.shape} and table {table.shape} do not fit (need x "
+                         "[..., D] and table [V, D])")
+    dtype = jnp.result_type(x, table)
+    x, table = x.astype(dtype), table.astype(dtype)
+    rows = x.reshape(-1, x.shape[-1])
+    y = _unembed_low_precision(rows, table) if _accumulates_in_float32(dtype) else rows @ table.T
+    return y.reshape(*x.shape[:-1], table.shape[0])

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from ..config import TransformerConfig
-from ..kernels import padding_mask, project, sinusoidal_positions
+from ..kernels import padding_mask, project, sinusoidal_positions, unembed
 from .layers import Decoder, DecoderLayerCache, Dropout, Encoder
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -107,7 +107,7 @@ class Transformer(nnx.Module):
         """Pre-softmax projection of decoder states [B, T, D] -> [B, T, V] in float32."""
         y = y.astype(self.dtype)
         if self.output is None:  # tied: y E^T with the target embedding E [V, D]
-            out = project(y, self.target_embedding.embedding[...].astype(self.dtype).T)
+            out = unembed(y, self.target_embedding.embedding[...].astype(self.dtype))
         else:
             out = project(y, self.output.kernel[...].astype(self.dtype), self.output.bias[...])
         return out.astype(jnp.float32)
