@@ -170,7 +170,9 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
             raise ValueError("--preset cannot be combined with --resume (the run's saved "
                              "config is used); drop --preset")
         model_config, config = load_run_config(workdir)
-        changed = sorted(k for k, v in model_overrides.items() if getattr(model_config, k) != v)
+        wanted = model_config.replace(**model_overrides)  # resolves e.g. --dtype auto
+        changed = sorted(k for k in model_overrides
+                         if getattr(model_config, k) != getattr(wanted, k))
         if changed:
             raise ValueError(f"model setting(s) {changed} cannot change when resuming; drop "
                              "them or train in a new --workdir")

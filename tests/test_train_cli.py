@@ -2,11 +2,14 @@
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from flax_transformer import config as config_module
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
@@ -28,7 +31,7 @@ def _one_error_line(capsys, argv, pattern):
     return err[0]
 
 
-def test_end_to_end_on_copy_then_predict(tmp_path, capsys):
+def test_end_to_end_on_copy_then_predict(tmp_path, capsys, monkeypatch):
     workdir = tmp_path / "run"
     assert train_cli.main(SMALL + ["--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out
@@ -74,6 +77,16 @@ def test_end_to_end_on_copy_then_predict(tmp_path, capsys):
     _one_error_line(capsys, SMALL + ["--workdir", str(workdir)], "--resume")
     _one_error_line(capsys, SMALL + ["--workdir", str(workdir), "--resume", "--d-model", "32"],
                     "cannot change")
+    # --dtype auto is compared as the dtype it resolves to here (the run computed in float32);
+    # resumed in a copy, so the run's checkpoints stay as the checks below expect
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    resume_auto = SMALL + ["--workdir", str(copy), "--resume", "--steps", "16", "--dtype", "auto"]
+    monkeypatch.setattr(config_module, "native_compute_dtype", lambda: "bfloat16")
+    _one_error_line(capsys, resume_auto, "['dtype'] cannot change")
+    monkeypatch.setattr(config_module, "native_compute_dtype", lambda: "float32")
+    assert train_cli.main(resume_auto) == 0
+    assert "done: 16 steps" in capsys.readouterr().out
 
     # Bad input around an existing run.
     _one_error_line(capsys, ["--workdir", str(workdir), "--predict", "a", " "], "is empty")
