@@ -42,3 +42,14 @@ def random_qkv(rng, batch=2, tq=5, tk=7, heads=3, dk=8, dv=8, dtype=np.float32):
     k = rng.normal(size=(batch, tk, heads, dk)).astype(dtype)
     v = rng.normal(size=(batch, tk, heads, dv)).astype(dtype)
     return q, k, v
+
+
+def jaxpr_equations(jaxpr):
+    """Every equation of `jaxpr`, those of inner jaxprs (pjit, custom_vjp, cond) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, tuple) else (param,):
+                inner = getattr(inner, "jaxpr", None)
+                if inner is not None:
+                    yield from jaxpr_equations(getattr(inner, "jaxpr", inner))

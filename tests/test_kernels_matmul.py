@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import relative_error
+from conftest import jaxpr_equations, relative_error
 
 from flax_transformer.kernels import matmul, project
 
@@ -24,14 +24,7 @@ def reference(x, w):
 
 def dot_generals(jaxpr):
     """Every dot_general equation of `jaxpr`, inner jaxprs (pjit, custom_vjp, cond) included."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            yield eqn
-        for param in eqn.params.values():
-            for inner in param if isinstance(param, tuple) else (param,):
-                inner = getattr(inner, "jaxpr", None)
-                if inner is not None:
-                    yield from dot_generals(getattr(inner, "jaxpr", inner))
+    return (eqn for eqn in jaxpr_equations(jaxpr) if eqn.primitive.name == "dot_general")
 
 
 @pytest.mark.parametrize("w_shape", [(16, 24), (16, 3, 8)])

@@ -15,7 +15,7 @@ from flax_transformer import (
     TransformerConfig,
 )
 from flax_transformer.kernels import IMPLEMENTATIONS, padding_mask
-from tests.conftest import relative_error
+from tests.conftest import jaxpr_equations, relative_error
 
 TINY = TransformerConfig.preset("tiny")
 
@@ -43,17 +43,6 @@ def test_fused_self_attention_equals_separate_projections(rng):
     np.testing.assert_allclose(mha(x), mha(x, x), rtol=1e-5, atol=1e-5)
 
 
-def _primitives(jaxpr):
-    """Names of every primitive in `jaxpr`, inner jaxprs (pjit, custom_vjp) included."""
-    for eqn in jaxpr.eqns:
-        yield eqn.primitive.name
-        for param in eqn.params.values():
-            for inner in param if isinstance(param, tuple) else (param,):
-                inner = getattr(inner, "jaxpr", None)
-                if inner is not None:
-                    yield from _primitives(getattr(inner, "jaxpr", inner))
-
-
 @pytest.mark.parametrize("cross", [False, True])
 def test_projection_gradients_are_concatenated_not_padded(rng, cross):
     """The fused Q/K/V (and cross-attention K/V) projection is split, so the backward pass
@@ -66,7 +55,8 @@ def test_projection_gradients_are_concatenated_not_padded(rng, cross):
     def loss(params):
         return jnp.sum(nnx.merge(graphdef, params)(x, memory) ** 2)
 
-    names = set(_primitives(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
+    names = {eqn.primitive.name
+             for eqn in jaxpr_equations(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)}
     assert "split" in names and "concatenate" in names
     assert "pad" not in names
 

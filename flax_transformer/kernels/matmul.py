@@ -31,30 +31,36 @@ def _dot(a: jnp.ndarray, b: jnp.ndarray, contract: tuple[int, int], out_dtype) -
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-@jax.custom_vjp
-def _project_low_precision(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None):
-    """rows x [N, D] @ w [D, F] (+ b [F]) -> [N, F], float32 sums rounded once to x.dtype"""
-    y = _dot(x, w, (1, 0), jnp.float32)
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _matmul_low_precision(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None,
+                          w_rows: bool):
+    """rows x [N, D] @ w [D, F] (+ b [F]) -> [N, F], float32 sums rounded once to x.dtype;
+    with w_rows, w is stored [F, D] and x @ w^T is computed reading it row-major."""
+    y = _dot(x, w, (1, 1 if w_rows else 0), jnp.float32)
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)
 
 
-def _project_fwd(x, w, b):
-    return _project_low_precision(x, w, b), (x, w, b)
+def _matmul_fwd(x, w, b, w_rows):
+    return _matmul_low_precision(x, w, b, w_rows), (x, w, b)
 
 
-def _project_bwd(residuals, g):
+def _matmul_bwd(w_rows, residuals, g):
     x, w, b = residuals
     # The bias gradient, summed in float32 from the gradient as it arrives. Left to
     # autodiff (a bf16 broadcast's transpose), XLA:CPU sums it through a separate float32
     # copy and a tree of reduce-windows: ~30% of a bf16 G2P train step (RESULTS.md).
     db = None if b is None else jnp.sum(g.astype(jnp.float32), axis=0).astype(b.dtype)
     g = g.astype(x.dtype)
-    dx = _dot(g, w, (1, 1), x.dtype)  # g [N, F] . w [D, F] over F -> [N, D]
-    dw = lax.platform_dependent(x, g, cpu=partial(_weight_grad_cpu, dtype=w.dtype),
+    dx = _dot(g, w, (1, 0 if w_rows else 1), x.dtype)  # g [N, F] . w over F -> [N, D]
+    left, right = (g, x) if w_rows else (x, g)  # dw = left^T right: g^T x [F, D] or x^T g
+    dw = lax.platform_dependent(left, right, cpu=partial(_weight_grad_cpu, dtype=w.dtype),
                                 default=partial(_weight_grad, dtype=w.dtype))
     return dx, dw, db
+
+
+_matmul_low_precision.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _weight_grad(rows_x, rows_g, dtype):
@@ -81,9 +87,6 @@ def _weight_grad_cpu(rows_x, rows_g, dtype):
     return _dot(padded, rows_g, (1, 0), dtype)[:-1]
 
 
-_project_low_precision.defvjp(_project_fwd, _project_bwd)
-
-
 def project(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None = None) -> jnp.ndarray:
     """x [..., D] @ w [D, F] (+ b [F]) -> [..., F] (float32 accumulation for bf16/f16).
 
@@ -106,31 +109,9 @@ def project(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None = None) -> jnp
     rows, w2d = x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1)
     if _accumulates_in_float32(x.dtype):
         b1d = None if b is None else b.reshape(-1)
-        return _project_low_precision(rows, w2d, b1d).reshape(*x.shape[:-1], *w.shape[1:])
+        return _matmul_low_precision(rows, w2d, b1d, False).reshape(*x.shape[:-1], *w.shape[1:])
     y = (rows @ w2d).reshape(*x.shape[:-1], *w.shape[1:])
     return y if b is None else y + b.astype(dtype)
-
-
-@jax.custom_vjp
-def _unembed_low_precision(x: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
-    """rows x [N, D] . table [V, D] over D -> [N, V], float32 sums rounded once to x.dtype"""
-    return _dot(x, table, (1, 1), x.dtype)
-
-
-def _unembed_fwd(x, table):
-    return _unembed_low_precision(x, table), (x, table)
-
-
-def _unembed_bwd(residuals, g):
-    x, table = residuals
-    g = g.astype(x.dtype)
-    dx = _dot(g, table, (1, 0), x.dtype)  # g [N, V] . table [V, D] over V -> [N, D]
-    dtable = lax.platform_dependent(g, x, cpu=partial(_weight_grad_cpu, dtype=table.dtype),
-                                    default=partial(_weight_grad, dtype=table.dtype))
-    return dx, dtable  # g^T x [V, D]
-
-
-_unembed_low_precision.defvjp(_unembed_fwd, _unembed_bwd)
 
 
 def unembed(x: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
@@ -147,5 +128,8 @@ def unembed(x: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
     dtype = jnp.result_type(x, table)
     x, table = x.astype(dtype), table.astype(dtype)
     rows = x.reshape(-1, x.shape[-1])
-    y = _unembed_low_precision(rows, table) if _accumulates_in_float32(dtype) else rows @ table.T
+    if _accumulates_in_float32(dtype):
+        y = _matmul_low_precision(rows, table, None, True)
+    else:
+        y = rows @ table.T
     return y.reshape(*x.shape[:-1], table.shape[0])
