@@ -5,8 +5,9 @@ vs PyTorch `nn.Transformer`, interleaved in one process.
                                      [--dtype auto|float32|bfloat16]
 
 Tokens/s counts source + target tokens. MFU = model FLOPs/s (benchmarks/flops.py) divided by
-the peak of a large matmul measured in the same run, the best of measurements before and after
-each config (and by the datasheet peak when known).
+the matmul peak measured in the same run: the best FLOP/s over a few matmul shapes (on CPU,
+squares and the configs' own products, `flops.CPU_PEAK_SHAPES`), best of measurements before
+and after each config (and by the datasheet peak when known).
 "host ms/step" is the Python loop's time per step until its last step was issued: close to
 ms/step, the host (dispatch) is the bottleneck, as for small batches on a GPU.
 Torch runs in a child process after the interleaved JAX runs (its OpenMP threads stall
@@ -339,7 +340,8 @@ def main(argv=None) -> None:
         intro = (f"{common.describe_machine()}\n\nCommand: `{command}`; "
                  f"{common.malloc_note(args.default_malloc)}\n\n"
                  f"Measured {dtype.name} matmul peak: {max(peaks) / 1e9:,.1f} GFLOP/s (best of "
-                 f"{len(peaks)} measurements, before and after each config)"
+                 f"{len(peaks)} measurements, before and after each config, each the best "
+                 f"over the matmul shapes of `benchmarks/flops.py`)"
                  f"{'' if datasheet is None else f'; datasheet {datasheet / 1e12:,.0f} TFLOP/s'}.")
         rows = [table_row(r, max(peaks), datasheet) for r in results]
         body = f"{intro}\n\n{common.markdown_table(header, rows)}\n"

@@ -36,19 +36,24 @@ def train_step_flops(c: TransformerConfig, batch: int, src_len: int, tgt_len: in
     return 3.0 * batch * forward_flops(c, src_len, tgt_len)
 
 
-def measured_peak_flops(dtype=jnp.float32, n: int | None = None, repeats: int = 10) -> float:
-    """Best FLOP/s of an [n, n] x [n, n] matmul on the default device (the achievable peak).
+# Matmul shapes (m, k, n) whose best FLOP/s is the measured peak. One square product is not
+# the best a CPU does: on a 2-core Intel Xeon, 2048^3 measured 117-174 GFLOP/s from run to
+# run while the `base` model's own products reached 150-196, so a peak of 2048^3 alone put
+# the model above "100%" of it on a bad draw. On CPU: squares of 1024 and 2048 plus the
+# shapes of `bench_train`'s configs (tokens x d_model x d_ff, tokens x d_model x vocab) at
+# batch x length = 512 and 1024 tokens. On an accelerator a large square reaches the peak
+# (a 2048 product there takes about the dispatch time and would understate it).
+CPU_PEAK_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (512, 512, 2048), (512, 2048, 512),
+                   (512, 512, 32000), (1024, 256, 1024), (1024, 1024, 256), (1024, 256, 8000))
+ACCELERATOR_PEAK_SHAPES = ((8192, 8192, 8192),)
 
-    n defaults to 2048 on CPU and 8192 on an accelerator (where a 2048 product takes tens of
-    microseconds, about the dispatch time, and would understate the peak).
 
-    Sums are float32 for every dtype, as in the models' projections (`kernels.project`): a
-    bf16 matmul with a bf16 result would measure XLA:CPU's emulated path, not the hardware.
-    """
-    if n is None:
-        n = 2048 if jax.default_backend() == "cpu" else 8192
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+def matmul_flops_per_second(m: int, k: int, n: int, dtype=jnp.float32,
+                            repeats: int = 10) -> float:
+    """Best FLOP/s of an [m, k] x [k, n] matmul on the default device over `repeats` runs
+    (after one warm-up), float32 sums for every dtype (see `measured_peak_flops`)."""
+    a = jax.random.normal(jax.random.key(0), (m, k), dtype)
+    b = jax.random.normal(jax.random.key(1), (k, n), dtype)
     accumulate = jnp.promote_types(dtype, jnp.float32)
     matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=accumulate))
     matmul(a, b).block_until_ready()
@@ -57,7 +62,21 @@ def measured_peak_flops(dtype=jnp.float32, n: int | None = None, repeats: int = 
         start = time.perf_counter()
         matmul(a, b).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best
+    return 2.0 * m * k * n / best
+
+
+def measured_peak_flops(dtype=jnp.float32, shapes=None, repeats: int = 10) -> float:
+    """The achievable matmul peak of the default device: the best FLOP/s over `shapes`
+    ((m, k, n) triples; default `CPU_PEAK_SHAPES` on CPU, `ACCELERATOR_PEAK_SHAPES` else).
+
+    Sums are float32 for every dtype, as in the models' projections (`kernels.project`): a
+    bf16 matmul with a bf16 result would measure XLA:CPU's emulated path, not the hardware.
+    """
+    if shapes is None:
+        shapes = CPU_PEAK_SHAPES if jax.default_backend() == "cpu" else ACCELERATOR_PEAK_SHAPES
+    if not shapes:
+        raise ValueError("measured_peak_flops needs at least one (m, k, n) shape")
+    return max(matmul_flops_per_second(*shape, dtype=dtype, repeats=repeats) for shape in shapes)
 
 
 # Dense datasheet peaks (FLOP/s) for accelerators whose device_kind we recognise.

@@ -51,7 +51,19 @@ def test_compute_dtype_and_peak_per_dtype():
     assert compute_dtype("float32") == "float32"
     assert compute_dtype("auto") == ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     for dtype in (jnp.float32, jnp.bfloat16):
-        assert measured_peak_flops(dtype, n=64, repeats=2) > 0
+        assert measured_peak_flops(dtype, shapes=[(64, 32, 16)], repeats=2) > 0
+
+
+def test_measured_peak_is_the_best_over_its_shapes(monkeypatch):
+    from benchmarks import flops
+
+    assert flops.matmul_flops_per_second(32, 16, 8, repeats=1) > 0  # the real measurement
+    speeds = {(8, 8, 8): 3.0, (16, 8, 4): 7.0, (4, 4, 4): 5.0}
+    monkeypatch.setattr(flops, "matmul_flops_per_second",
+                        lambda m, k, n, dtype, repeats: speeds[m, k, n])
+    assert flops.measured_peak_flops(shapes=list(speeds)) == 7.0
+    with pytest.raises(ValueError, match="at least one"):
+        flops.measured_peak_flops(shapes=[])
 
 
 def test_forward_flops_by_hand():

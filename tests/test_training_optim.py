@@ -153,6 +153,7 @@ def test_adamw_decays_matrices_only():
     (dict(length_penalty=float("nan")), "length_penalty"),
     (dict(label_smoothing="0.1"), "label_smoothing"),
     (dict(max_examples=2.5), "max_examples"),
+    (dict(eval_buckets=0), "eval_buckets must be a positive integer"),
     (dict(tensorboard="no"), "tensorboard must be True or False"),
 ])
 def test_training_config_errors_name_the_field(overrides, field):

@@ -32,6 +32,8 @@ class TrainingConfig(ConfigMethods):
     linearly and stays. Steps count optimizer updates (`steps // accumulate_steps` of them).
     `batch_size` is sequences per batch; every batch is padded to one of `num_buckets` lengths.
     `eval_examples` caps the validation examples decoded for the task metric (0: all).
+    `eval_buckets`: the valid and test splits are padded to at most this many lengths, shared
+    by both (each compiles its own loss step and decoding loop, see `evaluate.py`).
     `corpus` picks the translate task's built-in corpus ("bible", the default, or
     "trans-de-en"); `train_file`/`valid_file`/`test_file` give your own TSV instead.
     `reverse_target` trains the model to emit each target right to left (the tokens before
@@ -72,6 +74,7 @@ class TrainingConfig(ConfigMethods):
     reverse_target: bool = False
     init_from: str | None = None
     eval_batch_size: int = 256
+    eval_buckets: int = 2
     eval_examples: int = 1000
     max_examples: int | None = None
     subword_vocab_size: int = 8000
@@ -85,7 +88,7 @@ class TrainingConfig(ConfigMethods):
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "num_buckets", "log_every", "eval_every",
                     "checkpoint_every", "keep_checkpoints", "accumulate_steps", "beam_size",
-                    "lr_cycles", "eval_batch_size", "subword_vocab_size")
+                    "lr_cycles", "eval_batch_size", "eval_buckets", "subword_vocab_size")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -188,7 +191,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
     "g2p": RunPreset(
         "small", dict(d_model=128, num_heads=4, d_ff=512, num_encoder_layers=2,
                       num_decoder_layers=2, dropout_rate=0.0, max_len=48, dtype="auto"),
-        dict(task="g2p", steps=6000, batch_size=256, num_buckets=5, log_every=50,
+        dict(task="g2p", steps=5500, batch_size=256, num_buckets=5, log_every=50,
              eval_every=2000, checkpoint_every=2000, lr_schedule="cosine", learning_rate=3e-3,
              warmup_steps=200, min_lr_ratio=0.05, grad_clip=1.0, decode="beam", beam_size=4,
              eval_examples=1000, eval_batch_size=512),

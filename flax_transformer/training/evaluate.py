@@ -1,7 +1,11 @@
 """Evaluation: loss and token accuracy over a split, decoding for the task metric, prediction.
 
-Decoding groups the inputs by the training buckets and pads every batch to
-`eval_batch_size` rows, so the compiled decoding loop sees a few fixed shapes.
+A split is prepared once (`EvalSet`): its examples are padded to one of a few lengths, shared
+by all the run's evaluation splits (`eval_bucket_lengths`: the `TrainingConfig.eval_buckets`
+lengths that pad valid and test together least), and every batch to `eval_batch_size` rows,
+so the loss step and the decoding loop see a few fixed shapes. Each shape compiles once per
+run (a beam search ~3 s, a loss step ~2 s on a 2-core CPU), more than a split decoded a few
+times gains from less padding: hence the default of 2 lengths.
 """
 
 from __future__ import annotations
@@ -23,35 +27,45 @@ from ..data import (
     reverse_targets,
     reverse_tokens,
 )
+from .buckets import optimal_bucket_lengths
 from .config import TrainingConfig
 from .loss import summarize
 from .step import batch_arrays
 
 
-def eval_buckets(examples: Sequence[Example], train_buckets: Sequence[int],
+def eval_bucket_lengths(splits: Sequence[Sequence[Example]], num_buckets: int,
+                        max_len: int) -> tuple[int, ...]:
+    """The at most `num_buckets` lengths that pad the examples of all `splits` together (cut
+    to max_len) least: shared by a run's splits, so their shapes compile once."""
+    fitted = [e for split in splits for e in fit_to_length(split, max_len)[0]]
+    return optimal_bucket_lengths(fitted, num_buckets, max_len)
+
+
+def eval_buckets(examples: Sequence[Example], bucket_lengths: Sequence[int],
                  max_len: int) -> tuple[list[Example], tuple[int, ...], int]:
-    """(examples cut to max_len, bucket lengths that hold them, number cut): the training
-    buckets, plus `max_len` when some example is longer than the largest of them."""
+    """(examples cut to max_len, bucket lengths that hold them, number cut): `bucket_lengths`,
+    plus `max_len` when some example is longer than the largest of them."""
     fitted, cut = fit_to_length(examples, max_len)
     longest = max((max(len(e.src), len(e.tgt)) for e in fitted), default=0)
-    buckets = tuple(train_buckets)
+    buckets = tuple(bucket_lengths)
     if longest > buckets[-1]:
         buckets = buckets + (max_len,)
     return fitted, buckets, cut
 
 
 class EvalSet:
-    """One split prepared once: fixed-shape loss batches and decoding batches.
+    """One split prepared once: fixed-shape loss batches and decoding batches, padded to
+    `bucket_lengths` (see `eval_bucket_lengths`) and `batch_size` rows.
 
     `reverse_target`: the batches hold the targets right to left (for a model trained that
     way, `TrainingConfig.reverse_target`); `examples` keep them in order for scoring."""
 
-    def __init__(self, examples: Sequence[Example], train_buckets: Sequence[int],
+    def __init__(self, examples: Sequence[Example], bucket_lengths: Sequence[int],
                  max_len: int, batch_size: int, reverse_target: bool = False):
         if not examples:
             raise ValueError("an evaluation split is empty; give it some examples")
         self.examples = list(examples)
-        fitted, self.buckets, self.cut = eval_buckets(self.examples, train_buckets, max_len)
+        fitted, self.buckets, self.cut = eval_buckets(self.examples, bucket_lengths, max_len)
         if reverse_target:
             fitted = reverse_targets(fitted)
         self.batches = [

@@ -36,7 +36,7 @@ from .checkpoint import (
     tokenizer_dir,
 )
 from .config import TrainingConfig
-from .evaluate import EvalSet, decode_examples, evaluate, predict_texts
+from .evaluate import EvalSet, decode_examples, eval_bucket_lengths, evaluate, predict_texts
 from .loss import summarize
 from .metrics import (
     METRICS_FILE,
@@ -182,12 +182,15 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     train_step = make_train_step(parts, tx, label_smoothing=config.label_smoothing)
     eval_step = make_eval_step(parts, label_smoothing=config.label_smoothing)
     eval_options = dict(batch_size=config.eval_batch_size, reverse_target=config.reverse_target)
+    eval_splits = [split for split in (task.valid, task.test) if split]
+    eval_lengths = (eval_bucket_lengths(eval_splits, config.eval_buckets, max_len)
+                    if eval_splits else ())
     valid_set = valid_decode = None
     if task.valid:
-        valid_set = EvalSet(task.valid, buckets, max_len, **eval_options)
+        valid_set = EvalSet(task.valid, eval_lengths, max_len, **eval_options)
         limit = config.eval_examples or len(task.valid)
-        valid_decode = (valid_set if limit >= len(task.valid)
-                        else EvalSet(task.valid[:limit], buckets, max_len, **eval_options))
+        valid_decode = (valid_set if limit >= len(task.valid) else
+                        EvalSet(task.valid[:limit], eval_lengths, max_len, **eval_options))
     metric = task.metric_name
     writer = MetricsWriter(workdir, start_step=start_step, tensorboard=config.tensorboard)
     stream = batch_stream(train_examples, config.batch_size, config.seed, start_step,
@@ -254,7 +257,7 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
 
     test_results: dict[str, float] = {}
     if task.test:
-        test_set = EvalSet(task.test, buckets, max_len, **eval_options)
+        test_set = EvalSet(task.test, eval_lengths, max_len, **eval_options)
         model = parts.model(state.params)
         test_results = evaluate(model, eval_step, state.params, test_set, test_set, task, config)
         writer.write("test", final_step, test_results)
@@ -269,6 +272,7 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
         "task": task.name, "workdir": str(workdir), "steps": final_step,
         "start_step": start_step, "metric_name": metric,
         "parameters": count_params(state.params), "buckets": list(buckets),
+        "eval_buckets": list(eval_lengths),
         "wall_seconds": time.perf_counter() - started, "train_seconds": train_seconds,
         "train": train_results, "valid": valid_results, "test": test_results,
         "plot": str(plot), "config": {"model": model_config.to_dict(),
@@ -355,14 +359,13 @@ def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = ()
                              f"{other_model.config.max_len} is below the decoding model's "
                              f"{max_len}, so it cannot score every hypothesis")
         scorers.append(Scorer(other_model, other_config.reverse_target))
-    train_examples, _ = fit_to_length(task.train, max_len)
-    buckets = optimal_bucket_lengths(train_examples, config.num_buckets, max_len)
+    chosen = {split: task.split(split) for split in splits}
+    chosen = {split: examples for split, examples in chosen.items() if examples}
+    lengths = (eval_bucket_lengths(list(chosen.values()), config.eval_buckets, max_len)
+               if chosen else ())
     results: dict[str, dict[str, float]] = {}
-    for split in splits:
-        examples = task.split(split)
-        if not examples:
-            continue
-        eval_set = EvalSet(examples, buckets, max_len, config.eval_batch_size,
+    for split, examples in chosen.items():
+        eval_set = EvalSet(examples, lengths, max_len, config.eval_batch_size,
                            reverse_target=config.reverse_target)
         start = time.perf_counter()
         predictions = (rescored_predictions(model, scorers, eval_set, config) if scorers

@@ -1,0 +1,48 @@
+"""Evaluation shapes: every split of a run is padded to the same few lengths."""
+
+from flax_transformer import TransformerConfig
+from flax_transformer.data import Example
+from flax_transformer.training import TrainingConfig, loop
+from flax_transformer.training.evaluate import EvalSet, eval_bucket_lengths
+
+
+def _examples(lengths):
+    return [Example(src=[5] * n, tgt=[6] * n) for n in lengths]
+
+
+def test_eval_bucket_lengths_cover_all_splits_and_pad_them_least():
+    valid, test = _examples([2, 2, 3, 9]), _examples([2, 3, 3, 4, 30])
+    # Two lengths for both splits together: the longest, 30, and then 4, whose padded size
+    # 7*4 + 2*30 = 88 beats 3 (6*3 + 3*30 = 108), 9 (8*9 + 30 = 102) and 2 (186).
+    lengths = eval_bucket_lengths([valid, test], 2, max_len=64)
+    assert lengths == (4, 30)
+    assert lengths == eval_bucket_lengths([valid + test], 2, max_len=64)
+    # Examples longer than max_len are cut to it, so max_len is the last length.
+    assert eval_bucket_lengths([valid, test], 2, max_len=16)[-1] == 16
+    assert eval_bucket_lengths([valid, test], 1, max_len=64) == (30,)
+    for split in (valid, test):
+        padded = EvalSet(split, lengths, 64, batch_size=4)
+        assert {arrays["src"].shape[1] for arrays, _ in padded.batches} <= set(lengths)
+
+
+def test_a_run_evaluates_every_split_in_eval_buckets_shapes(tmp_path, monkeypatch):
+    """The loss batches and decoded batches of valid (both sets) and test share at most
+    `eval_buckets` lengths, however many buckets training uses: each is a compilation."""
+    shapes = []
+    evaluate = loop.evaluate
+
+    def recording(model, eval_step, params, loss_set, decode_set, task, config):
+        for eval_set in (loss_set, decode_set):
+            shapes.extend(arrays["src"].shape for arrays, _ in eval_set.batches)
+        return evaluate(model, eval_step, params, loss_set, decode_set, task, config)
+
+    monkeypatch.setattr(loop, "evaluate", recording)
+    model = TransformerConfig.preset("tiny", max_len=32)
+    config = TrainingConfig(task="copy", steps=2, batch_size=8, max_examples=60,
+                            num_buckets=4, eval_buckets=2, eval_every=2, eval_examples=10,
+                            eval_batch_size=16, log_every=1, tensorboard=False)
+    summary = loop.train(model, config, tmp_path / "run", progress=False)
+    assert len(summary["buckets"]) == 4
+    assert {shape[1] for shape in shapes} == set(summary["eval_buckets"])
+    assert len(summary["eval_buckets"]) == 2
+    assert {shape[0] for shape in shapes} == {16}
