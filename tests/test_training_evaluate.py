@@ -38,8 +38,8 @@ def test_a_run_evaluates_every_split_in_eval_buckets_shapes(tmp_path, monkeypatc
 
     monkeypatch.setattr(loop, "evaluate", recording)
     model = TransformerConfig.preset("tiny", max_len=32)
-    config = TrainingConfig(task="copy", steps=2, batch_size=8, max_examples=60,
-                            num_buckets=4, eval_buckets=2, eval_every=2, eval_examples=10,
+    config = TrainingConfig(task="copy", steps=1, batch_size=8, max_examples=60,
+                            num_buckets=4, eval_buckets=2, eval_every=1, eval_examples=10,
                             eval_batch_size=16, log_every=1, tensorboard=False)
     summary = loop.train(model, config, tmp_path / "run", progress=False)
     assert len(summary["buckets"]) == 4
