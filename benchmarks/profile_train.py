@@ -133,6 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     bench_train.add_runner_flags(parser)
     parser.add_argument("--trace-dir", type=Path, default=None,
                         help="keep the traces here (default: a temporary directory)")
+    common.add_malloc_flag(parser)
     args = parser.parse_args(argv)
     bench_train.check_runner_flags(parser, args, counts=("steps",))
     return args
@@ -140,6 +141,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # As in bench_train: without it, XLA:CPU's large temporaries are faulted in afresh every
+    # step and a profile blames the ops that first write them.
+    common.configure_malloc(args.default_malloc)
     header = ["config", "framework", "HLO ops", "device ops/step", "device busy ms/step",
               "device span ms/step", "wall ms/step", "host ms/step, top activities"]
     rows = []
