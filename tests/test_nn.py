@@ -170,6 +170,32 @@ def test_bfloat16_compute_gradients_stay_close_to_float32(rng):
     assert relative_error(flat(grads["bfloat16"]), flat(grads["float32"])) < 5e-2
 
 
+def test_bfloat16_embedding_lookup_casts_rows_not_the_table(rng):
+    # The lookup takes rows of the float32 table, then casts: no [V, D] conversion in either
+    # pass, and the gradient of a repeated id is summed in float32, not in bfloat16.
+    config = TINY.replace(dtype="bfloat16", src_vocab_size=37, tie_output=False)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    src = jnp.full((4, 12), 5, jnp.int32)  # one id, 48 times
+    w = jnp.asarray(rng.normal(size=(4, 12, config.d_model)), jnp.bfloat16)
+
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+        m = nnx.merge(graphdef, state)
+        return jnp.sum((m.embed(src, m.src_embed) * w).astype(jnp.float32))
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(state).jaxpr
+    table_casts = [e for e in jaxpr_equations(jaxpr) if e.primitive.name == "convert_element_type"
+                   and e.invars[0].aval.shape == (37, config.d_model)]
+    assert not table_casts
+    grad = np.asarray(jax.grad(loss)(state)["src_embed"]["embedding"][...])
+    # d/d row = the sum over the 48 positions of w * sqrt(d_model), each product a bf16
+    per_position = np.asarray(w * jnp.asarray(np.sqrt(config.d_model), jnp.bfloat16), np.float64)
+    expected = per_position.sum(axis=(0, 1))
+    np.testing.assert_allclose(grad[5], expected, rtol=1e-5, atol=1e-5)
+    assert not np.any(np.delete(grad, 5, axis=0))
+
+
 def test_dropout_train_and_eval_modes(rng):
     model = Transformer(TINY.replace(dropout_rate=0.3, attention_dropout_rate=0.2,
                                      attention_impl="vmap"), rngs=nnx.Rngs(0))

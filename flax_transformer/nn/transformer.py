@@ -100,7 +100,10 @@ class Transformer(nnx.Module):
         else:
             all_positions = jnp.asarray(_positions(self.config.max_len, d))
             pe = jax.lax.dynamic_slice_in_dim(all_positions, offset, length, axis=0)
-        x = table(tokens) * jnp.asarray(math.sqrt(d), self.dtype) + pe.astype(self.dtype)
+        # Rows first, then the compute dtype: `nnx.Embed.__call__` casts the whole [V, D] table
+        # (and its gradient back), and accumulates the gradient of repeated ids in that dtype.
+        rows = jnp.take(table.embedding[...], tokens, axis=0).astype(self.dtype)
+        x = rows * jnp.asarray(math.sqrt(d), self.dtype) + pe.astype(self.dtype)
         return self.embed_dropout(x)
 
     def logits(self, y: jnp.ndarray) -> jnp.ndarray:
