@@ -13,6 +13,8 @@ ms/step, the host (dispatch) is the bottleneck, as for small batches on a GPU.
 Torch runs in a child process after the interleaved JAX runs (its OpenMP threads stall
 beside an active XLA thread pool); on a JAX GPU backend it runs on CUDA, on TPU it is skipped.
 All three use AdamW (b2=0.98), dropout 0.1, label-smoothed (0.1) cross-entropy, random tokens.
+Ours runs without its gradient-norm metric (`make_train_step(grad_norm=False)`): the peers
+compute none, and with no clipping it is an extra pass over the gradients (RESULTS.md).
 `--batch N` replaces both configs' batch sizes (16 and 8), e.g. to fill an accelerator; such a
 run gets its own RESULTS.md section.
 `--attention-impl dense xla` times the library once per attention implementation, interleaved
@@ -120,16 +122,18 @@ def make_optax():
 
 
 def ours_step(config: TransformerConfig, src, tgt_in, tgt_out, steps_per_call: int = 1):
-    """The library's own train step (flax_transformer.training), as `train.py` runs it; with
-    `steps_per_call` > 1, that many of its pure steps in one jitted call."""
+    """The library's own train step (flax_transformer.training), as `train.py` runs it but
+    without the gradient-norm metric, which the peers do not compute; with `steps_per_call`
+    > 1, that many of its pure steps in one jitted call."""
     from flax_transformer.training import init_model, init_train_state, make_train_step
 
     parts, params = init_model(config, seed=0)
     tx = make_optax()
     if steps_per_call == 1:
-        step = make_train_step(parts, tx, label_smoothing=LABEL_SMOOTHING)
+        step = make_train_step(parts, tx, label_smoothing=LABEL_SMOOTHING, grad_norm=False)
     else:
-        pure = make_train_step(parts, tx, label_smoothing=LABEL_SMOOTHING, jit=False)
+        pure = make_train_step(parts, tx, label_smoothing=LABEL_SMOOTHING, jit=False,
+                               grad_norm=False)
         step = jax.jit(repeat_steps(pure, steps_per_call), donate_argnums=0)
     state = [init_train_state(params, tx, seed=0)]
     batch = {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}

@@ -32,6 +32,40 @@ def test_keep_freed_memory_is_accepted_by_glibc():
     assert child_stdout(code).strip() == "True"
 
 
+# Allocates 3 GiB from the heap (untouched, so no memory is used), frees it, and prints how
+# far the heap grew and how much of that it gave back: glibc trims a free top larger than
+# M_TRIM_THRESHOLD.
+HEAP_AFTER_FREE = """
+import ctypes
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+{setup}
+start = libc.sbrk(0)
+chunks = [libc.malloc(96 << 20) for _ in range(32)]
+grown = libc.sbrk(0)
+for chunk in reversed(chunks):
+    libc.free(chunk)
+print(grown - start, grown - libc.sbrk(0))
+"""
+
+
+@glibc
+@pytest.mark.parametrize("how", ["mallopt", "environment"])
+def test_freed_memory_is_kept_even_above_2_gib(how):
+    """Two `base` models in one benchmark process free > 2 GiB at the heap's top per step;
+    a trim threshold of 2**31 - 1 gave it back and every step faulted it in again."""
+    setup = ("from flax_transformer.runtime import keep_freed_memory\n"
+             "assert keep_freed_memory()" if how == "mallopt" else "")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           **(KEEP_FREED_MEMORY_ENV if how == "environment" else {})}
+    out = subprocess.run([sys.executable, "-c", HEAP_AFTER_FREE.format(setup=setup)],
+                         capture_output=True, text=True, check=True, env=env).stdout
+    grown, given_back = map(int, out.split())
+    assert grown > 2 << 30
+    assert given_back == 0
+
+
 def test_child_environment_carries_the_same_settings(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert set(KEEP_FREED_MEMORY_ENV) == {"MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_",

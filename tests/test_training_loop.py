@@ -4,6 +4,7 @@ import re
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -72,6 +73,27 @@ def test_donating_params_or_not_gives_identical_states():
         assert all(leaf.is_deleted() == donate for leaf in jax.tree.leaves(old.params))
         states[donate] = state
     assert _leaves_equal(states[True], states[False])
+
+
+def test_grad_norm_metric_is_optional_and_changes_nothing_else():
+    parts, tx, state, batch = _tiny_state_and_batch()
+    plain_tx = optax.adamw(1e-3)  # no clipping: the metric is the only use of the norm
+    results, square_roots = {}, {}
+    for with_norm in (True, False):
+        step = make_train_step(parts, plain_tx, grad_norm=with_norm)
+        current = init_train_state(state.params, plain_tx, 0)
+        for _ in range(2):
+            current, metrics = step(current, batch)
+        results[with_norm] = current, metrics
+        square_roots[with_norm] = step.lower(current, batch).as_text().count("stablehlo.sqrt")
+    assert square_roots[True] == square_roots[False] + 1  # the norm's computation is gone
+    (with_state, with_metrics), (without_state, without_metrics) = results[True], results[False]
+    assert _leaves_equal(with_state, without_state)
+    assert set(with_metrics) - set(without_metrics) == {"grad_norm"}
+    grads_norm = float(with_metrics["grad_norm"])
+    assert np.isfinite(grads_norm) and grads_norm > 0
+    for key, value in without_metrics.items():
+        assert np.array_equal(np.asarray(value), np.asarray(with_metrics[key])), key
 
 
 def test_checkpoint_round_trip_is_identical(tmp_path):

@@ -72,12 +72,16 @@ def make_train_step(
     label_smoothing: float = 0.1,
     jit: bool = True,
     donate_params: bool | None = None,
+    grad_norm: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jnp.ndarray]]]:
     """One optimizer step (or micro-step under `optax.MultiSteps`) on one batch (checked on
     the host first, see `check_batch`).
 
     The gradient is that of the mean label-smoothed loss per non-pad target token. Metrics:
-    loss_sum, nll_sum, correct, tokens (sums over the batch) and grad_norm (before clipping).
+    loss_sum, nll_sum, correct, tokens (sums over the batch) and, with `grad_norm`, the
+    global gradient norm before clipping. An optimizer that clips by the global norm computes
+    it anyway; without clipping the metric is an extra pass over all gradients (~4% of a
+    `base` step on a 2-core CPU, benchmarks/RESULTS.md), which `grad_norm=False` leaves out.
 
     The optimizer state (2/3 of the state's memory under Adam) is always donated.
     `donate_params` also donates the parameters; default: on GPU/TPU, not on CPU. XLA:CPU
@@ -102,7 +106,7 @@ def make_train_step(
         grads, stats = jax.grad(loss_fn, has_aux=True)(state.params, batch, dropout_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**stats, "grad_norm": optax.tree.norm(grads)}
+        metrics = {**stats, "grad_norm": optax.tree.norm(grads)} if grad_norm else stats
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     if not jit:
