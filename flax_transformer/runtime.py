@@ -8,22 +8,22 @@ import importlib.util
 import os
 import pkgutil
 
-# glibc mallopt parameters (malloc.h) and the values `keep_freed_memory` sets, each with its
-# environment variable and the value written there (a size_t, where mallopt takes an int).
+# glibc mallopt parameters (malloc.h) and the values `keep_freed_memory` sets.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
-_NEVER = -1  # M_TRIM_THRESHOLD -1: never trim (glibc reads it as SIZE_MAX)
 _SETTINGS = {
-    _M_ARENA_MAX: ("MALLOC_ARENA_MAX", 1, "1"),
-    _M_MMAP_THRESHOLD: ("MALLOC_MMAP_THRESHOLD_", 1 << 30, str(1 << 30)),
-    # Not 2**31 - 1, the largest positive int: a step that frees more than 2 GiB at the top of
-    # the heap (two `base` models in one benchmark process) was then trimmed, and the next
-    # step page-faulted it back in.
-    _M_TRIM_THRESHOLD: ("MALLOC_TRIM_THRESHOLD_", _NEVER, str(2**64 - 1)),
-    _M_TOP_PAD: ("MALLOC_TOP_PAD_", 256 << 20, str(256 << 20)),
+    _M_ARENA_MAX: ("MALLOC_ARENA_MAX", 1),
+    _M_MMAP_THRESHOLD: ("MALLOC_MMAP_THRESHOLD_", 1 << 30),
+    # -1: never trim. Not 2**31 - 1, the largest positive int: a step that frees more than
+    # 2 GiB at the top of the heap (two `base` models in one benchmark process) was then
+    # trimmed, and the next step page-faulted it back in.
+    _M_TRIM_THRESHOLD: ("MALLOC_TRIM_THRESHOLD_", -1),
+    _M_TOP_PAD: ("MALLOC_TOP_PAD_", 256 << 20),
 }
 
-# The same settings as environment variables, for child processes (e.g. a benchmark peer).
-KEEP_FREED_MEMORY_ENV = {name: env for name, _, env in _SETTINGS.values()}
+# The same settings as environment variables, for child processes (e.g. a benchmark peer):
+# glibc reads mallopt's int as a size_t (-1 is SIZE_MAX), and the variables as size_t.
+KEEP_FREED_MEMORY_ENV = {name: str(ctypes.c_size_t(value).value)
+                         for name, value in _SETTINGS.values()}
 
 
 def accelerator_expected() -> bool:
@@ -67,7 +67,7 @@ def keep_freed_memory(*, on_accelerator: bool = False) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return all(mallopt(param, value) == 1 for param, (_, value, _) in _SETTINGS.items())
+    return all(mallopt(param, value) == 1 for param, (_, value) in _SETTINGS.items())
 
 
 # CPU feature flags (Linux /proc/cpuinfo) of bf16 x bf16 -> float32 dot-product units that
