@@ -77,11 +77,45 @@ def test_decode_step_equals_full_decoder(rng):
     np.testing.assert_allclose(steps, full, atol=1e-5, rtol=1e-5)
 
 
+def test_beams_share_one_copy_of_the_memory(rng):
+    """init_cache(memory, mask, L, beams=K): each input's K decoder rows (b*K + j) attend to
+    one projected copy of its memory, and decode exactly as with the memory repeated K times."""
+    graphdef, state = nnx.split(model_for(0, dropout_rate=0.0))
+    src, beams = jnp.asarray(SRC), 3
+    tgt = jnp.asarray(np.c_[np.ones((9, 1)), rng.integers(4, 32, (9, 4))], jnp.int32)
+
+    @jax.jit
+    def run(state):
+        model = nnx.merge(graphdef, state)
+        memory, mask = model.encode(src), padding_mask(src)
+        shared = model.init_cache(memory, mask, MAX_LEN, beams=beams)
+        repeated = model.init_cache(jnp.repeat(memory, beams, 0), jnp.repeat(mask, beams, 0),
+                                    MAX_LEN)
+
+        def step(caches, t):
+            token = jax.lax.dynamic_slice_in_dim(tgt, t, 1, axis=1)
+            out = [model.decode_step(token, t, cache) for cache in caches]
+            return tuple(c for _, c in out), tuple(logits for logits, _ in out)
+
+        caches, logits = jax.lax.scan(step, (shared, repeated), jnp.arange(tgt.shape[1]))
+        return caches[0], logits
+
+    cache, (shared, repeated) = run(state)
+    np.testing.assert_allclose(shared, repeated, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(shared[:, 0], shared[:, 1])  # the beams' rows really differ
+    heads = CONFIG.num_heads
+    for layer in cache.layers:
+        assert layer.cross_attention.key.shape[0] == 3 * heads  # one copy per input
+        assert layer.self_attention.value.shape[0] == 3 * beams * heads
+    assert cache.src_mask.shape == (3, 1, 1, SRC.shape[1])
+
+
 def test_decode_step_and_decode_refuse_bad_arguments():
     model = model_for(0)
     src = jnp.asarray(SRC)
     memory = model.encode(src)
     cache = model.init_cache(memory, padding_mask(src), 4)
+    beam_cache = model.init_cache(memory, padding_mask(src), 4, beams=2)
     token = jnp.full((3, 1), 5, jnp.int32)
     bad = [
         (lambda: model.decode_step(token, 4, cache), "position 4 is outside the cache's 4"),
@@ -90,11 +124,20 @@ def test_decode_step_and_decode_refuse_bad_arguments():
         (lambda: model.decode_step(token + 40, 0, cache), "token holds token ids in"),
         (lambda: model.decode(token, memory[..., :8], None), r"d_model=16\]"),
         (lambda: model.init_cache(memory[..., :8], None, 4), r"d_model=16\]"),
+        (lambda: model.init_cache(memory, None, 4, beams=0), "beams must be an integer >= 1"),
+        (lambda: model.init_cache(memory, None, 4, beams=2.0), "beams must be an integer"),
+        (lambda: model.init_cache(memory, padding_mask(src[:2]), 4), "src_mask has batch 2"),
+        (lambda: model.decode_step(token, 0, beam_cache), "token has batch 3 but the cache "
+                                                          "was built for 6 rows"),
+        (lambda: model.decoder.layers[0].cross_attention.cross_attend_step(
+            jnp.zeros((4, 1, 16)), cache.layers[0].cross_attention, None),
+         "4 decoder rows do not divide among the 3 inputs"),
     ]
     for call, message in bad:
         with pytest.raises(ValueError, match=message):
             call()
     model.decode_step(token, 3, cache)  # the last slot is fine
+    model.decode_step(jnp.repeat(token, 2, 0), 0, beam_cache)  # two rows per input
 
 
 @pytest.mark.parametrize("norm", ["post", "pre"])

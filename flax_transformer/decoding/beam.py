@@ -55,7 +55,7 @@ def _gather_beams(x: jax.Array, index: jax.Array) -> jax.Array:
 
 def _reorder_self_caches(cache, rows: jax.Array):
     """Rows [B*K] of every self-attention buffer ([B*K*H, ...], see KVCache); the memory
-    keys/values are the same for all beams of an input, so they are not copied."""
+    keys/values are kept once per input, shared by its beams, so they are not touched."""
 
     def take(x):
         per_row = x.reshape(rows.shape[0], -1, *x.shape[1:])
@@ -75,9 +75,9 @@ def _compiled_beam_search(graphdef, beam_size: int, max_len: int):
     def run(state, src, alpha, early_stopping):
         model = merge_for_decoding(graphdef, state)
         batch, vocab = src.shape[0], model.config.tgt_vocab_size
-        # The encoder runs once per input; its output is repeated for the K beams (row b*K+j).
-        memory = jnp.repeat(model.encode(src), k, axis=0)
-        cache = model.init_cache(memory, jnp.repeat(padding_mask(src), k, axis=0), max_len)
+        # The encoder runs once per input, and its keys/values are projected and kept once:
+        # the K beams of input b (rows b*K+j) attend to them together.
+        cache = model.init_cache(model.encode(src), padding_mask(src), max_len, beams=k)
         live_tokens = jnp.zeros((batch, k, max_len + 1), jnp.int32).at[:, :, 0].set(BOS_ID)
         # All beams start identical: only beam 0 is live, or the first step would pick K copies.
         live_logp = jnp.full((batch, k), NEG_INF).at[:, 0].set(0.0)

@@ -154,8 +154,22 @@ class MultiHeadAttention(nnx.Module):
 
     def cross_attend_step(self, x: jnp.ndarray, cache: KVCache,
                           mask: jnp.ndarray | None) -> jnp.ndarray:
-        """Encoder-decoder attention of x [B, 1, D] over cached memory keys/values -> [B, 1, D]"""
-        return self.attend_cache(self.query(x), cache.key, cache.value, mask)
+        """Encoder-decoder attention of x [B*K, 1, D] over the memory keys/values of B inputs
+        (cache rows B*H; mask [B, 1, 1, S] or None)  ->  [B*K, 1, D].
+
+        K >= 1 decoder rows share each input (beam search: row b*K + j is beam j of input b).
+        Their K queries attend together as K query positions of input b, so the memory is
+        projected, stored and read once per input, not once per beam.
+        """
+        rows, inputs = x.shape[0], cache.key.shape[0] // self.num_heads
+        if rows % inputs:
+            raise ValueError(f"{rows} decoder rows do not divide among the {inputs} inputs of "
+                             "the memory cache; pass K rows per input (beams of input b at "
+                             "rows b*K .. b*K+K-1)")
+        q = self.query(x)  # [B*K, 1, H, Dh] -> [B, K, H, Dh]: the beams as query positions
+        q = q.reshape(inputs, rows // inputs, *q.shape[2:])
+        heads = cached_attention(q, cache.key, cache.value, mask)
+        return self._output(heads.reshape(rows, 1, *heads.shape[2:]))
 
     def attend_cache(self, q, key, value, mask) -> jnp.ndarray:
         """`attend` for q [B, 1, H, Dh] over cached keys/values (KVCache layouts) -> [B, 1, D]"""

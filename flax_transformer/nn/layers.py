@@ -102,8 +102,9 @@ class EncoderLayer(nnx.Module):
 class DecoderLayerCache(NamedTuple):
     """What one decoder layer keeps between decoding steps (a pytree).
 
-    self_attention: keys/values of the target positions so far, [B, max_len, H, Dh] buffers;
-    cross_attention: keys/values of the encoder memory, [B, S, H, Dh], computed once.
+    self_attention: keys/values of the target positions so far, one row per decoder row
+    (B*K: K beams per input), buffers of max_len positions (layouts: see KVCache);
+    cross_attention: keys/values of the encoder memory, one row per input (B), computed once.
     """
 
     self_attention: KVCache
@@ -129,10 +130,11 @@ class DecoderLayer(nnx.Module):
         y = self.add_norm_2(y, lambda h: self.cross_attention(h, memory, src_mask))
         return self.add_norm_3(y, self.feed_forward)
 
-    def init_cache(self, memory: jnp.ndarray, max_len: int) -> DecoderLayerCache:
-        """Empty self-attention buffers of `max_len` positions; memory [B, S, D] projected."""
+    def init_cache(self, memory: jnp.ndarray, max_len: int, beams: int = 1) -> DecoderLayerCache:
+        """Empty self-attention buffers of `max_len` positions for `beams` decoder rows per
+        input (B*beams rows); memory [B, S, D] projected once, shared by an input's beams."""
         return DecoderLayerCache(
-            self.self_attention.init_self_cache(memory.shape[0], max_len),
+            self.self_attention.init_self_cache(memory.shape[0] * beams, max_len),
             self.cross_attention.cross_cache(memory),
         )
 
@@ -208,9 +210,10 @@ class Decoder(nnx.Module):
         if remat is not None:
             self.remat = remat
 
-    def init_cache(self, memory: jnp.ndarray, max_len: int) -> tuple[DecoderLayerCache, ...]:
+    def init_cache(self, memory: jnp.ndarray, max_len: int,
+                   beams: int = 1) -> tuple[DecoderLayerCache, ...]:
         """One `DecoderLayerCache` per layer (see `DecoderLayer.init_cache`)."""
-        return tuple(layer.init_cache(memory, max_len) for layer in self.layers)
+        return tuple(layer.init_cache(memory, max_len, beams) for layer in self.layers)
 
     def decode_step(self, y: jnp.ndarray, position, caches: tuple[DecoderLayerCache, ...],
                     src_mask: jnp.ndarray | None):

@@ -147,11 +147,13 @@ class Transformer(nnx.Module):
     # --- incremental decoding ------------------------------------------------------------
 
     def init_cache(self, memory: jnp.ndarray, src_mask: jnp.ndarray | None,
-                   max_len: int) -> DecodeCache:
+                   max_len: int, beams: int = 1) -> DecodeCache:
         """The decoding state for `max_len` target positions: empty self-attention buffers
-        [B, max_len, H, Dh] per layer and the memory's keys/values projected once.
+        for B*beams decoder rows per layer and the memory's keys/values projected once.
 
-        memory: [B, S, D] from `encode`; src_mask: [B, 1, 1, S] (None: no source padding).
+        memory: [B, S, D] from `encode`; src_mask: [B, 1, 1, S] (None: no source padding);
+        beams: decoder rows per input (beam search: rows b*beams .. b*beams+beams-1 decode
+        input b). The memory is not repeated per beam: an input's beams read one copy.
         """
         if not isinstance(max_len, int | np.integer) or not 1 <= max_len <= self.config.max_len:
             raise ValueError(
@@ -159,12 +161,18 @@ class Transformer(nnx.Module):
                 f"{self.config.max_len}], got {max_len!r}; decode fewer tokens or build the "
                 "model with a larger max_len"
             )
+        if not isinstance(beams, int | np.integer) or isinstance(beams, bool) or beams < 1:
+            raise ValueError(f"beams must be an integer >= 1 (decoder rows per input), got "
+                             f"{beams!r}; pass beams=1 unless decoding several beams per input")
         if memory.ndim != 3 or memory.shape[2] != self.config.d_model:
             raise ValueError(f"memory must be [batch, src_len, d_model={self.config.d_model}], "
                              f"got {memory.shape}; pass this model's encode(src)")
         if src_mask is None:
             src_mask = jnp.ones((memory.shape[0], 1, 1, memory.shape[1]), bool)
-        return DecodeCache(self.decoder.init_cache(memory, int(max_len)), src_mask)
+        if src_mask.shape[0] != memory.shape[0]:
+            raise ValueError(f"src_mask has batch {src_mask.shape[0]} but memory has "
+                             f"{memory.shape[0]}; pass padding_mask(src) of the encoded src")
+        return DecodeCache(self.decoder.init_cache(memory, int(max_len), int(beams)), src_mask)
 
     def decode_step(self, token: jnp.ndarray, position,
                     cache: DecodeCache) -> tuple[jnp.ndarray, DecodeCache]:
@@ -178,10 +186,11 @@ class Transformer(nnx.Module):
         if token.ndim != 2 or token.shape[1] != 1:
             raise ValueError(f"token must be [batch, 1], got shape {token.shape}")
         check_tokens(token, self.config.tgt_vocab_size, self.config.max_len, "token")
-        if token.shape[0] != cache.src_mask.shape[0]:
+        self_cache = cache.layers[0].self_attention.value  # [B*K*H, max_len, Dh]
+        rows, slots = self_cache.shape[0] // self.config.num_heads, self_cache.shape[1]
+        if token.shape[0] != rows:
             raise ValueError(f"token has batch {token.shape[0]} but the cache was built for "
-                             f"{cache.src_mask.shape[0]} rows; pass one token per cached row")
-        slots = cache.layers[0].self_attention.value.shape[1]  # value: [B*H, max_len, Dh]
+                             f"{rows} rows; pass one token per cached row")
         if isinstance(position, int | np.integer) and not 0 <= position < slots:
             raise ValueError(f"position {position} is outside the cache's {slots} target "
                              f"positions (0 to {slots - 1}); build the cache with "
