@@ -11,6 +11,7 @@ command line overrides the preset, which overrides the dataclass default.
     python train.py --resume --steps 8000             # continue runs/g2p to step 8000
     python train.py --predict hello world            # pronunciations from runs/g2p
     python train.py --evaluate --workdir runs/g2p-long --rescore-with runs/g2p-long-r2l
+    python train.py --evaluate --workdir runs/g2p-long --average-checkpoints 3  # mean weights
     python train.py --init-from runs/g2p-long --reverse-target --steps 12000 --lr-cycles 1 \
         --workdir runs/g2p-long-r2l         # fine-tune: starts from another run's weights
 
@@ -112,7 +113,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
                      help="load the latest checkpoint in --workdir and print the outputs")
     run.add_argument("--evaluate", action="store_true",
                      help="score the latest checkpoint in --workdir on all valid and test "
-                          "examples (decoding flags such as --beam-size apply)")
+                          "examples (decoding flags such as --beam-size apply, and "
+                          "--average-checkpoints)")
     run.add_argument("--rescore-with", nargs="+", metavar="WORKDIR", default=None,
                      help="with --evaluate: rerank the beam's hypotheses by the mean "
                           "log-probability under this run's model and these runs' models "
@@ -140,8 +142,10 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(available_tasks())}")
     workdir = args.workdir or f"runs/{task or TrainingConfig.task}"
 
+    # Settings that apply to reading a finished run (--evaluate, --predict).
     decoding = {k: v for k, v in training_overrides.items()
-                if k in ("decode", "beam_size", "length_penalty", "eval_batch_size")}
+                if k in ("decode", "beam_size", "length_penalty", "eval_batch_size",
+                         "average_checkpoints")}
     if args.rescore_with is not None and not args.evaluate:
         raise ValueError("--rescore-with works with --evaluate; add --evaluate")
     if args.overwrite and (args.evaluate or args.predict is not None):

@@ -66,6 +66,19 @@ def test_end_to_end_on_copy_then_predict(tmp_path, capsys, monkeypatch):
     assert "test (48 examples): sequence_accuracy" in capsys.readouterr().out
     _one_error_line(capsys, ["--evaluate", "--workdir", str(workdir), "--rescore-with",
                              str(workdir)], "add --decode beam")
+    # ... or the mean of its last checkpoints (the run kept 6 and 12); asking for more than
+    # it kept averages those, with a warning
+    assert train_cli.main(["--evaluate", "--workdir", str(workdir),
+                           "--average-checkpoints", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "test (48 examples): sequence_accuracy" in captured.out and not captured.err
+    assert train_cli.main(["--workdir", str(workdir), "--predict", "a b c",
+                           "--average-checkpoints", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("a b c\t")
+    assert "holds 2 checkpoint(s) up to step 12, fewer than average_checkpoints=3" in captured.err
+    _one_error_line(capsys, ["--evaluate", "--workdir", str(workdir), "--average-checkpoints",
+                             "0"], "average_checkpoints must be a positive integer")
     _one_error_line(capsys, ["--workdir", str(workdir), "--rescore-with", str(workdir)],
                     "add --evaluate")
     _one_error_line(capsys, ["--evaluate", "--workdir", str(workdir), "--decode", "beam",

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -103,6 +105,29 @@ class Checkpointer:
         raise ValueError(f"checkpoint {steps[0]} in {self.workdir / CHECKPOINT_DIR} cannot be "
                          f"read: {_first_line(first_error)}") from first_error
 
+    def restore_average(self, like: TrainState, count: int) -> tuple[TrainState, list[int]]:
+        """(state, steps): the latest readable state (as `restore`) with its parameters
+        replaced by their mean over the last `count` checkpoints up to it, and the steps
+        averaged (fewer than `count` when fewer are on disk). `count=1`: the state itself."""
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"average_checkpoints must be a positive integer, got {count!r}")
+        latest = self.restore(like)
+        last = int(jax.device_get(latest.step))
+        steps = [s for s in sorted(self.all_steps()) if s <= last][-count:]
+        if len(steps) < 2:
+            return latest, [last]
+        trees = [latest.params]
+        for step in steps[:-1]:
+            try:
+                trees.append(self._restore(like, step).params)
+            except Exception as err:  # damaged files surface as many error types
+                raise ValueError(
+                    f"checkpoint {step} in {self.workdir / CHECKPOINT_DIR} cannot be read "
+                    f"({_first_line(err)}); average fewer checkpoints "
+                    f"(--average-checkpoints {len(steps) - 1 - steps.index(step)})"
+                ) from None
+        return latest._replace(params=mean_params(trees)), steps
+
     def _restore(self, like: TrainState, step: int) -> TrainState:
         target = abstract_train_state(like)
         try:
@@ -119,6 +144,21 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def mean_params(trees: list[Any]) -> Any:
+    """The leafwise mean of pytrees of the same structure (summed in float64, returned in
+    each leaf's dtype): checkpoint averaging."""
+    if not trees:
+        raise ValueError("mean_params needs at least one tree")
+
+    def mean(*leaves):
+        total = np.zeros(np.shape(leaves[0]), np.float64)
+        for leaf in leaves:
+            total += np.asarray(leaf, np.float64)
+        return jnp.asarray((total / len(leaves)).astype(np.asarray(leaves[0]).dtype))
+
+    return jax.tree.map(mean, *trees)
 
 
 def _first_line(err: Exception) -> str:

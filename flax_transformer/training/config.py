@@ -42,8 +42,13 @@ class TrainingConfig(ConfigMethods):
     `init_from` names another run's work directory, of the same task: its latest parameters
     start this run (fine-tuning; e.g. a right-to-left model from a left-to-right one) and its
     tokenizers are reused; the step, the optimizer state, the data order and dropout start
-    afresh. `tensorboard` writes TensorBoard event files beside `metrics.jsonl` (it needs the
-    `tensorboardX` package; `--no-tensorboard` writes the JSONL log alone).
+    afresh. `average_checkpoints` > 1 makes the run's model (the test report, `--predict`,
+    `--evaluate`, `--init-from`) the mean of the parameters of its last `average_checkpoints`
+    checkpoints, as the paper averages the last 5 written 10 minutes apart: choose
+    `checkpoint_every` so that they span the end of training (training and `--resume` go on
+    from the last checkpoint itself). `tensorboard` writes TensorBoard event files beside
+    `metrics.jsonl` (it needs the `tensorboardX` package; `--no-tensorboard` writes the JSONL
+    log alone).
     """
 
     task: str = "g2p"
@@ -55,6 +60,7 @@ class TrainingConfig(ConfigMethods):
     eval_every: int = 2000
     checkpoint_every: int = 2000
     keep_checkpoints: int = 3
+    average_checkpoints: int = 1
     optimizer: str = "adam"
     learning_rate: float = 1.0
     lr_schedule: str = "noam"
@@ -87,7 +93,8 @@ class TrainingConfig(ConfigMethods):
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "num_buckets", "log_every", "eval_every",
-                    "checkpoint_every", "keep_checkpoints", "accumulate_steps", "beam_size",
+                    "checkpoint_every", "keep_checkpoints", "average_checkpoints",
+                    "accumulate_steps", "beam_size",
                     "lr_cycles", "eval_batch_size", "eval_buckets", "subword_vocab_size")
         for name in positive:
             value = getattr(self, name)
@@ -127,6 +134,12 @@ class TrainingConfig(ConfigMethods):
                 raise ValueError(f"corpus={self.corpus!r} is not known; choose one of {CORPORA}")
             if self.train_file is not None:
                 raise ValueError("give either corpus or train_file (your own TSV), not both")
+        if self.average_checkpoints > self.keep_checkpoints:
+            raise ValueError(
+                f"average_checkpoints={self.average_checkpoints} needs that many checkpoints "
+                f"kept, but keep_checkpoints={self.keep_checkpoints}; raise keep_checkpoints to "
+                f"{self.average_checkpoints} (or average fewer)"
+            )
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.lr_schedule == "noam" and self.warmup_steps < 1:

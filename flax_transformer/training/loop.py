@@ -255,13 +255,19 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     if checkpointer.latest_step() != final_step:
         checkpointer.save(state)
 
+    final_params, averaged = state.params, [final_step]
+    if config.average_checkpoints > 1:
+        final_params, averaged = checkpointer.restore_average(state, config.average_checkpoints)
+        final_params = final_params.params
     test_results: dict[str, float] = {}
     if task.test:
         test_set = EvalSet(task.test, eval_lengths, max_len, **eval_options)
-        model = parts.model(state.params)
-        test_results = evaluate(model, eval_step, state.params, test_set, test_set, task, config)
+        model = parts.model(final_params)
+        test_results = evaluate(model, eval_step, final_params, test_set, test_set, task, config)
         writer.write("test", final_step, test_results)
-        _say(f"test ({len(task.test)} examples, {config.decode} decoding): "
+        weights = (f"mean of the checkpoints of steps {', '.join(map(str, averaged))}"
+                   if len(averaged) > 1 else f"step {final_step}")
+        _say(f"test ({len(task.test)} examples, {config.decode} decoding, {weights}): "
              f"{_format(test_results, metric)}")
     else:
         _say("no test split: skipping the test report")
@@ -270,7 +276,7 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     plot = plot_curves(workdir, metric)
     summary = {
         "task": task.name, "workdir": str(workdir), "steps": final_step,
-        "start_step": start_step, "metric_name": metric,
+        "start_step": start_step, "averaged_steps": averaged, "metric_name": metric,
         "parameters": count_params(state.params), "buckets": list(buckets),
         "eval_buckets": list(eval_lengths),
         "wall_seconds": time.perf_counter() - started, "train_seconds": train_seconds,
@@ -282,17 +288,29 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     return summary
 
 
-def latest_state(workdir: str | Path):
+def latest_state(workdir: str | Path, config_overrides: dict[str, Any] | None = None):
     """(ModelParts, TrainState, model config, training config) of the latest checkpoint in
-    `workdir`; raises NoCheckpointError if there is none."""
+    `workdir`, its parameters the mean of the last `average_checkpoints` checkpoints when the
+    run's config (or `config_overrides`, applied to the training config) asks for more than
+    one; raises NoCheckpointError if there is none."""
     model_config, config = load_run_config(workdir)
+    if config_overrides:
+        average = config_overrides.get("average_checkpoints", config.average_checkpoints)
+        # Reading a finished run: average what it kept, whatever it was told to keep.
+        config = config.replace(**config_overrides,
+                                keep_checkpoints=max(config.keep_checkpoints, average))
     checkpointer = Checkpointer(workdir, config.keep_checkpoints, create=False)
     try:
         parts, params = init_model(model_config, config.seed)
         tx, _ = make_optimizer(config, model_config.d_model)
-        state = checkpointer.restore(init_train_state(params, tx, config.seed))
+        state, steps = checkpointer.restore_average(init_train_state(params, tx, config.seed),
+                                                    config.average_checkpoints)
     finally:
         checkpointer.close()
+    if len(steps) < config.average_checkpoints:
+        print(f"warning: {workdir} holds {len(steps)} checkpoint(s) up to step {steps[-1]}, "
+              f"fewer than average_checkpoints={config.average_checkpoints}; using the mean "
+              f"of those", file=sys.stderr)
     return parts, state, model_config, config
 
 
@@ -315,10 +333,11 @@ def pretrained_params(workdir: str | Path, model_config: TransformerConfig, para
     return state.params, int(state.step)
 
 
-def load_for_prediction(workdir: str | Path):
-    """(model in eval mode, task with its tokenizers, training config) from the latest
-    checkpoint in `workdir`; raises NoCheckpointError if there is none."""
-    parts, state, _, config = latest_state(workdir)
+def load_for_prediction(workdir: str | Path, config_overrides: dict[str, Any] | None = None):
+    """(model in eval mode, task with its tokenizers, training config with `config_overrides`)
+    from the latest checkpoint in `workdir` (see `latest_state`); raises NoCheckpointError if
+    there is none."""
+    parts, state, _, config = latest_state(workdir, config_overrides)
     task = restore_task(tokenizer_dir(workdir))
     return parts.model(state.params), task, config
 
@@ -326,10 +345,8 @@ def load_for_prediction(workdir: str | Path):
 def predict(workdir: str | Path, texts: list[str], *,
             config_overrides: dict[str, Any] | None = None) -> list[str]:
     """Outputs of the latest checkpoint in `workdir` for `texts` (decoding options such as
-    `decode`/`beam_size` may be overridden)."""
-    model, task, config = load_for_prediction(workdir)
-    if config_overrides:
-        config = config.replace(**config_overrides)
+    `decode`/`beam_size`, and `average_checkpoints`, may be overridden)."""
+    model, task, config = load_for_prediction(workdir, config_overrides)
     return predict_texts(model, task, texts, config)
 
 
@@ -337,15 +354,14 @@ def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = ()
                  config_overrides: dict[str, Any] | None = None,
                  splits: Sequence[str] = ("valid", "test")) -> dict[str, dict[str, float]]:
     """The task metric of the latest checkpoint in `workdir` on every example of `splits`,
-    decoded as the run's config says (`decode`, `beam_size`, ... may be overridden).
+    decoded as the run's config says (`decode`, `beam_size`, ..., and `average_checkpoints`
+    may be overridden).
 
     rescore_with: work directories of other runs of the same task (e.g. one trained with
     `reverse_target`) whose models rerank the beam's hypotheses (see `rescore.py`).
     Returns {split: metrics}; a split without examples is left out.
     """
-    model, _, config = load_for_prediction(workdir)
-    if config_overrides:
-        config = config.replace(**config_overrides)
+    model, _, config = load_for_prediction(workdir, config_overrides)
     if rescore_with and config.decode != "beam":
         raise ValueError("--rescore-with reranks the beam's hypotheses: add --decode beam")
     task = build_task(config, tokenizer_dir(workdir))
