@@ -211,12 +211,14 @@ def test_beam_size_one_equals_greedy():
     np.testing.assert_array_equal(tokens, greedy)
 
 
-def test_beam_search_finds_the_exhaustive_optimum():
+@pytest.mark.parametrize("seeds", [(3,), (3, 4)], ids=["one model", "an ensemble of two"])
+def test_beam_search_finds_the_exhaustive_optimum(seeds):
     """Vocabulary {eos, 3, 4} (+ pad, bos), 3 tokens: 15 hypotheses, at most 12 candidates a
-    step; a beam of 12 must return the best by exhaustive enumeration, and the 12 best."""
+    step; a beam of 12 must return the best by exhaustive enumeration, and the 12 best. An
+    ensemble scores each token by the log of the mean of its models' probabilities."""
     max_len, words = 3, (EOS_ID, 3, 4)
-    model = Transformer(CONFIG.replace(src_vocab_size=8, tgt_vocab_size=5),
-                        rngs=nnx.Rngs(3))
+    models = [Transformer(CONFIG.replace(src_vocab_size=8, tgt_vocab_size=5),
+                          rngs=nnx.Rngs(seed)) for seed in seeds]
     src = np.array([[4, 5, 6, 7], [7, 5, 0, 0]], np.int32)
     hypotheses = [h for n in range(1, max_len + 1) for h in itertools.product(words, repeat=n)
                   if EOS_ID not in h[:-1] and (h[-1] == EOS_ID or n == max_len)]
@@ -227,15 +229,22 @@ def test_beam_search_finds_the_exhaustive_optimum():
         tgt[i, : len(h)] = (1,) + h[:-1]
         target[i, : len(h)] = h
     lengths = np.array([len(h) for h in hypotheses])
-    reference = jax.jit(nnx.view(model, deterministic=True).__call__)
+    references = [jax.jit(nnx.view(m, deterministic=True).__call__) for m in models]
     exact = []
     for b in range(2):
-        logits = reference(jnp.asarray(np.repeat(src[b:b + 1], len(tgt), 0)), jnp.asarray(tgt))
-        logp = jax.nn.log_softmax(logits.at[..., :2].set(-jnp.inf), axis=-1)  # no pad, bos
-        picked = np.take_along_axis(np.asarray(logp), target[..., None], -1)[..., 0]
+        probs = []  # float64 probabilities of each model, [N, T, V]
+        for reference in references:
+            logits = reference(jnp.asarray(np.repeat(src[b:b + 1], len(tgt), 0)),
+                               jnp.asarray(tgt))
+            logp = jax.nn.log_softmax(logits.at[..., :2].set(-jnp.inf), axis=-1)  # no pad, bos
+            probs.append(np.exp(np.asarray(logp, np.float64)))
+        with np.errstate(divide="ignore"):  # pad and bos: probability 0
+            mixture = np.log(np.mean(probs, axis=0))
+        picked = np.take_along_axis(mixture, target[..., None], -1)[..., 0]
         exact.append(np.where(np.arange(max_len) < lengths[:, None], picked, 0).sum(-1))
+    decoded = models[0] if len(models) == 1 else models
     for alpha in (0.0, 0.6, 2.0, -0.5):
-        tokens, scores = beam_search(model, src, beam_size=12, max_len=max_len,
+        tokens, scores = beam_search(decoded, src, beam_size=12, max_len=max_len,
                                      length_penalty=alpha, return_all_beams=True)
         assert_well_formed(tokens)
         for b in range(2):
@@ -246,6 +255,35 @@ def test_beam_search_finds_the_exhaustive_optimum():
             np.testing.assert_array_equal(np.pad(tokens[b, 0], (0, max_len - tokens.shape[2])),
                                           best)
             np.testing.assert_allclose(scores[b], score[order[:12]], rtol=1e-5, atol=1e-5)
+
+
+def test_an_ensemble_of_one_or_of_copies_decodes_like_the_model():
+    model, other = model_for(0), model_for(1)
+    alone = beam_search(model, SRC, beam_size=3, max_len=MAX_LEN, return_all_beams=True)
+    one = beam_search([model], SRC, beam_size=3, max_len=MAX_LEN, return_all_beams=True)
+    copies = beam_search((model, model), SRC, beam_size=3, max_len=MAX_LEN,
+                         return_all_beams=True)
+    for tokens, scores in (one, copies):
+        np.testing.assert_array_equal(tokens, alone[0])
+        np.testing.assert_allclose(scores, alone[1], rtol=1e-5)
+    np.testing.assert_array_equal(one[1], alone[1])  # one model: the same computation
+    pair = beam_search([model, other], SRC, beam_size=3, max_len=MAX_LEN, return_all_beams=True)
+    assert_well_formed(pair[0])
+    assert not np.allclose(pair[1], alone[1])  # a second model changes the scores
+
+
+def test_ensembles_refuse_models_that_do_not_fit_together():
+    model = model_for(0)
+    with pytest.raises(ValueError, match="at least one model"):
+        beam_search([], SRC, max_len=4)
+    with pytest.raises(ValueError, match="target vocabularies of sizes"):
+        beam_search([model, model_for(0, tgt_vocab_size=20)], SRC, max_len=4)
+    with pytest.raises(ValueError, match="must be a flax_transformer Transformer"):
+        beam_search([model, "model"], SRC, max_len=4)
+    with pytest.raises(ValueError, match="TransformerConfig.max_len=8"):
+        beam_search([model, model_for(0, max_len=8)], SRC, max_len=10)
+    with pytest.raises(ValueError, match="src_tokens holds token ids"):
+        beam_search([model, model_for(0, src_vocab_size=10)], SRC, max_len=4)
 
 
 def test_sampling_top_k_one_is_greedy():

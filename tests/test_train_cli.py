@@ -81,6 +81,13 @@ def test_end_to_end_on_copy_then_predict(tmp_path, capsys, monkeypatch):
                              "0"], "average_checkpoints must be a positive integer")
     _one_error_line(capsys, ["--workdir", str(workdir), "--rescore-with", str(workdir)],
                     "add --evaluate")
+    assert train_cli.main(["--evaluate", "--workdir", str(workdir), "--ensemble-with",
+                           str(workdir), "--decode", "beam", "--beam-size", "2"]) == 0
+    assert "test (48 examples): sequence_accuracy" in capsys.readouterr().out
+    _one_error_line(capsys, ["--evaluate", "--workdir", str(workdir), "--ensemble-with",
+                             str(workdir)], "add --decode beam")
+    _one_error_line(capsys, ["--workdir", str(workdir), "--ensemble-with", str(workdir)],
+                    "add --evaluate")
     _one_error_line(capsys, ["--evaluate", "--workdir", str(workdir), "--decode", "beam",
                              "--rescore-with", str(tmp_path / "nothing")], "no config.json")
 

@@ -143,3 +143,18 @@ def test_right_to_left_run_learns_copy_and_evaluates_in_reading_order(tmp_path):
                         config_overrides={"decode": "beam"})
     assert both["valid"]["sequence_accuracy"] == alone["valid"]["sequence_accuracy"]
     assert both["test"]["sequence_accuracy"] == alone["test"]["sequence_accuracy"]
+
+    # An ensemble of the run with itself decodes as the run alone, with or without rescoring.
+    for rescore in ((), [tmp_path / "r2l"]):
+        twice = evaluate_run(tmp_path / "r2l", ensemble_with=[tmp_path / "r2l"],
+                             rescore_with=rescore, config_overrides={"decode": "beam"})
+        for split in ("valid", "test"):
+            assert twice[split]["sequence_accuracy"] == alone[split]["sequence_accuracy"]
+    with pytest.raises(ValueError, match="--ensemble-with needs beam search"):
+        evaluate_run(tmp_path / "r2l", ensemble_with=[tmp_path / "r2l"])
+    # Models that read targets in opposite directions cannot be averaged token by token.
+    train(model, config.replace(steps=2, reverse_target=False, tensorboard=False),
+          tmp_path / "l2r", progress=False)
+    with pytest.raises(ValueError, match="reads targets left to right .* --rescore-with"):
+        evaluate_run(tmp_path / "r2l", ensemble_with=[tmp_path / "l2r"],
+                     config_overrides={"decode": "beam"})

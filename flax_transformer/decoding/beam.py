@@ -17,6 +17,9 @@ the next live beams, and their self-attention caches are gathered from their par
 An input is done when it has K finished hypotheses and no live beam can still beat the worst
 of them (`early_stopping=False`, the default), or as soon as it has K finished hypotheses
 (`early_stopping=True`). The loop stops when every input is done or at `max_len`.
+
+An ensemble (a list of models) runs every model's decoder on the same beams, each with its
+own cache, and gives each candidate token the log of the mean of the models' probabilities.
 """
 
 from __future__ import annotations
@@ -68,16 +71,28 @@ def _reorder_self_caches(cache, rows: jax.Array):
     return cache._replace(layers=layers)
 
 
+def _next_token_log_probs(models, current, t, caches):
+    """log p(next token) [B*K, V] and the updated caches: one model's, or for an ensemble
+    the log of the mean of the models' probabilities."""
+    logps, caches = zip(*(
+        (jax.nn.log_softmax(suppress_special(logits)), cache)
+        for logits, cache in (m.decode_step(current, t, c) for m, c in zip(models, caches))))
+    if len(logps) == 1:
+        return logps[0], caches
+    return jax.nn.logsumexp(jnp.stack(logps), axis=0) - np.log(len(logps)), caches
+
+
 @functools.lru_cache(maxsize=64)
-def _compiled_beam_search(graphdef, beam_size: int, max_len: int):
+def _compiled_beam_search(graphdefs: tuple, beam_size: int, max_len: int):
     k = beam_size
 
-    def run(state, src, alpha, early_stopping):
-        model = merge_for_decoding(graphdef, state)
-        batch, vocab = src.shape[0], model.config.tgt_vocab_size
+    def run(states, src, alpha, early_stopping):
+        models = [merge_for_decoding(g, s) for g, s in zip(graphdefs, states)]
+        batch, vocab = src.shape[0], models[0].config.tgt_vocab_size
         # The encoder runs once per input, and its keys/values are projected and kept once:
         # the K beams of input b (rows b*K+j) attend to them together.
-        cache = model.init_cache(model.encode(src), padding_mask(src), max_len, beams=k)
+        mask = padding_mask(src)
+        cache = tuple(m.init_cache(m.encode(src), mask, max_len, beams=k) for m in models)
         live_tokens = jnp.zeros((batch, k, max_len + 1), jnp.int32).at[:, :, 0].set(BOS_ID)
         # All beams start identical: only beam 0 is live, or the first step would pick K copies.
         live_logp = jnp.full((batch, k), NEG_INF).at[:, 0].set(0.0)
@@ -87,8 +102,8 @@ def _compiled_beam_search(graphdef, beam_size: int, max_len: int):
         def body(carry):
             t, live_tokens, live_logp, cache, done_tokens, done_scores = carry
             current = jax.lax.dynamic_slice_in_dim(live_tokens, t, 1, axis=2)
-            logits, cache = model.decode_step(current.reshape(batch * k, 1), t, cache)
-            logp = jax.nn.log_softmax(suppress_special(logits)).reshape(batch, k, vocab)
+            logp, cache = _next_token_log_probs(models, current.reshape(batch * k, 1), t, cache)
+            logp = logp.reshape(batch, k, vocab)
             candidates = (live_logp[..., None] + logp).reshape(batch, k * vocab)
             cand_logp, flat = jax.lax.top_k(candidates, 2 * k)  # [B, 2K], best first
             parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
@@ -109,7 +124,7 @@ def _compiled_beam_search(graphdef, beam_size: int, max_len: int):
             live_logp, best = jax.lax.top_k(jnp.where(token == EOS_ID, NEG_INF, cand_logp), k)
             live_tokens = _gather_beams(cand_tokens, best)
             rows = (jnp.arange(batch)[:, None] * k + _gather_beams(parent, best)).reshape(-1)
-            cache = _reorder_self_caches(cache, rows)
+            cache = tuple(_reorder_self_caches(c, rows) for c in cache)
             return t + 1, live_tokens, live_logp, cache, done_tokens, done_scores
 
         def not_done(carry):
@@ -136,25 +151,47 @@ def beam_search(model, src_tokens, *, beam_size: int = 4, max_len: int,
                 return_all_beams: bool = False):
     """Beam search (see the module docstring for the exact rules).
 
-    model: a `Transformer` (decoded in eval mode; the caller's model is not changed);
+    model: a `Transformer` (decoded in eval mode; the caller's model is not changed), or a
+    sequence of them decoded as an ensemble: every step scores the next token by the log of
+    the mean of their probabilities (they must share the target vocabulary size and read
+    the same source ids);
     src_tokens: [B, S] int ids, 0 = padding; beam_size: K >= 1 hypotheses per input;
-    max_len: tokens to generate at most (<= model.config.max_len); length_penalty: alpha of
-    the GNMT penalty (0 = raw log-probability).
+    max_len: tokens to generate at most (<= every model's config.max_len); length_penalty:
+    alpha of the GNMT penalty (0 = raw log-probability).
 
     Returns (tokens [B, L], scores [B]): per input the best hypothesis (without bos, eos
     included, pad after) and its length-normalised score; trailing all-pad columns trimmed.
     With return_all_beams=True: (tokens [B, K, L], scores [B, K]), best first; a slot that
     holds no hypothesis has score -inf.
     """
-    check_model(model)
+    models = ensemble_members(model)
     beam_size = check_positive_int(beam_size, "beam_size", "use beam_size=1 for greedy search")
-    max_len = check_max_len(model, max_len)
+    for member in models:
+        max_len = check_max_len(member, max_len)
     alpha = check_real(length_penalty, "length_penalty")
-    src = prepare_source(model, src_tokens)
-    graphdef, state = split_model(model)
-    fn = _compiled_beam_search(graphdef, beam_size, max_len)
-    tokens, scores = fn(state, src, jnp.float32(alpha), jnp.bool_(early_stopping))
+    src = [prepare_source(member, src_tokens) for member in models][0]
+    graphdefs, states = zip(*(split_model(member) for member in models))
+    fn = _compiled_beam_search(tuple(graphdefs), beam_size, max_len)
+    tokens, scores = fn(tuple(states), src, jnp.float32(alpha), jnp.bool_(early_stopping))
     tokens, scores = trim(np.asarray(tokens)), np.asarray(scores)
     if return_all_beams:
         return tokens, scores
     return trim(tokens[:, 0]), scores[:, 0]
+
+
+def ensemble_members(model) -> list:
+    """[model] for one `Transformer`; the models of a non-empty list or tuple of them, checked
+    to share a target vocabulary (ValueError otherwise)."""
+    if not isinstance(model, (list, tuple)):
+        check_model(model)
+        return [model]
+    if not model:
+        raise ValueError("an ensemble needs at least one model, got an empty sequence")
+    for member in model:
+        check_model(member)
+    sizes = [member.config.tgt_vocab_size for member in model]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"the ensemble's models have target vocabularies of sizes {sizes}; "
+                         "their probabilities can only be averaged over one vocabulary: use "
+                         "models trained with the same target tokenizer")
+    return list(model)

@@ -93,16 +93,22 @@ def decode_len(model_max_len: int, src_len: int) -> int:
 
 def decode_batch(model, src: np.ndarray, config: TrainingConfig,
                  max_len: int | None = None) -> np.ndarray:
-    """Greedy or beam decoding of one source batch [B, S] -> tokens [B, L] (eos, then pad)."""
-    from ..decoding import beam_search, greedy_decode
+    """Greedy or beam decoding of one source batch [B, S] -> tokens [B, L] (eos, then pad).
+    `model`: a Transformer, or a list of them decoded as an ensemble (beam search only; the
+    first model's max_len bounds the output)."""
+    from ..decoding import beam_search, ensemble_members, greedy_decode
 
+    members = ensemble_members(model)
     if max_len is None:
-        max_len = decode_len(model.config.max_len, src.shape[1])
+        max_len = decode_len(members[0].config.max_len, src.shape[1])
     if config.decode == "beam":
         tokens, _ = beam_search(model, src, beam_size=config.beam_size, max_len=max_len,
                                 length_penalty=config.length_penalty)
         return np.asarray(tokens)
-    return np.asarray(greedy_decode(model, src, max_len=max_len))
+    if len(members) > 1:
+        raise ValueError("an ensemble decodes with beam search: use decode='beam' "
+                         "(--decode beam)")
+    return np.asarray(greedy_decode(members[0], src, max_len=max_len))
 
 
 def decode_examples(model, eval_set: EvalSet, config: TrainingConfig) -> list[list[int]]:

@@ -351,29 +351,49 @@ def predict(workdir: str | Path, texts: list[str], *,
 
 
 def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = (),
+                 ensemble_with: Sequence[str | Path] = (),
                  config_overrides: dict[str, Any] | None = None,
                  splits: Sequence[str] = ("valid", "test")) -> dict[str, dict[str, float]]:
     """The task metric of the latest checkpoint in `workdir` on every example of `splits`,
     decoded as the run's config says (`decode`, `beam_size`, ..., and `average_checkpoints`
     may be overridden).
 
+    ensemble_with: work directories of other runs of the same task, reading targets in the
+    same direction, decoded together with this run's model as an ensemble (beam search over
+    the mean of their probabilities, `decoding.beam_search`).
     rescore_with: work directories of other runs of the same task (e.g. one trained with
     `reverse_target`) whose models rerank the beam's hypotheses (see `rescore.py`).
     Returns {split: metrics}; a split without examples is left out.
     """
     model, _, config = load_for_prediction(workdir, config_overrides)
-    if rescore_with and config.decode != "beam":
-        raise ValueError("--rescore-with reranks the beam's hypotheses: add --decode beam")
+    for flag, runs in (("--rescore-with", rescore_with), ("--ensemble-with", ensemble_with)):
+        if runs and config.decode != "beam":
+            raise ValueError(f"{flag} needs beam search: add --decode beam")
     task = build_task(config, tokenizer_dir(workdir))
     max_len = model.config.max_len
-    scorers = []
-    for other in rescore_with:
+
+    def partner(other, role: str):
         other_model, other_task, other_config = load_for_prediction(other)
-        check_same_tokenizers(task, other_task, f"rescoring run {other}")
+        check_same_tokenizers(task, other_task, f"{role} run {other}")
         if other_model.config.max_len < max_len:
-            raise ValueError(f"rescoring run {other}: its model's max_len "
+            raise ValueError(f"{role} run {other}: its model's max_len "
                              f"{other_model.config.max_len} is below the decoding model's "
                              f"{max_len}, so it cannot score every hypothesis")
+        return other_model, other_config
+
+    members = [model]
+    for other in ensemble_with:
+        other_model, other_config = partner(other, "ensemble")
+        if other_config.reverse_target != config.reverse_target:
+            way = "right to left" if other_config.reverse_target else "left to right"
+            raise ValueError(f"ensemble run {other} reads targets {way} and the decoding run "
+                             "the other way; an ensemble's models must read them alike (pass "
+                             "a reversed run to --rescore-with instead)")
+        members.append(other_model)
+    decoder = members if len(members) > 1 else model
+    scorers = []
+    for other in rescore_with:
+        other_model, other_config = partner(other, "rescoring")
         scorers.append(Scorer(other_model, other_config.reverse_target))
     chosen = {split: task.split(split) for split in splits}
     chosen = {split: examples for split, examples in chosen.items() if examples}
@@ -384,8 +404,8 @@ def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = ()
         eval_set = EvalSet(examples, lengths, max_len, config.eval_batch_size,
                            reverse_target=config.reverse_target)
         start = time.perf_counter()
-        predictions = (rescored_predictions(model, scorers, eval_set, config) if scorers
-                       else decode_examples(model, eval_set, config))
+        predictions = (rescored_predictions(decoder, scorers, eval_set, config) if scorers
+                       else decode_examples(decoder, eval_set, config))
         scores = {k: float(v) for k, v in task.score(predictions, examples).items()}
         results[split] = {**scores, "decode_seconds": time.perf_counter() - start}
     return results

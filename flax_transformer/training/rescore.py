@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..data import PAD_ID, Task, reverse_tokens
-from ..decoding import beam_search, gnmt_length_penalty, sequence_log_probs
+from ..decoding import beam_search, ensemble_members, gnmt_length_penalty, sequence_log_probs
 from ..decoding.common import trim
 from .config import TrainingConfig
 from .evaluate import EvalSet, decode_len
@@ -51,7 +51,8 @@ def rescored_predictions(model, scorers: Sequence[Scorer], eval_set: EvalSet,
                          config: TrainingConfig) -> list[list[int]]:
     """The best hypothesis (token ids in reading order) for every example of `eval_set`:
     `model`'s beam (`config.beam_size`, `config.length_penalty`; `config.reverse_target` says
-    how `model` reads targets) reranked by `model` and `scorers` together."""
+    how `model` reads targets) reranked by `model` and `scorers` together. `model` may be a
+    list of models (an ensemble): its beam and its log-probabilities count as one scorer's."""
     if config.decode != "beam":
         raise ValueError("rescoring reranks the beam's hypotheses: use decode='beam' "
                          "(--decode beam)")
@@ -59,7 +60,7 @@ def rescored_predictions(model, scorers: Sequence[Scorer], eval_set: EvalSet,
     predictions: list[list[int]] = [[] for _ in range(len(eval_set))]
     for arrays, ids in eval_set.batches:
         src = arrays["src"]
-        width = decode_len(model.config.max_len, src.shape[1])
+        width = decode_len(ensemble_members(model)[0].config.max_len, src.shape[1])
         tokens, beam_scores = beam_search(model, src, beam_size=config.beam_size,
                                           max_len=width, length_penalty=alpha,
                                           return_all_beams=True)
