@@ -20,6 +20,7 @@ from flax_transformer.decoding import (
     greedy_decode,
     sample_decode,
 )
+from flax_transformer.decoding.beam import _compiled_beam_search
 from flax_transformer.decoding.search import _compiled_search
 from flax_transformer.kernels import padding_mask
 
@@ -270,6 +271,10 @@ def test_an_ensemble_of_one_or_of_copies_decodes_like_the_model():
     pair = beam_search([model, other], SRC, beam_size=3, max_len=MAX_LEN, return_all_beams=True)
     assert_well_formed(pair[0])
     assert not np.allclose(pair[1], alone[1])  # a second model changes the scores
+    # another pair of the same structure reuses the compiled search
+    misses = _compiled_beam_search.cache_info().misses
+    beam_search([model_for(2), model_for(3)], SRC, beam_size=3, max_len=MAX_LEN)
+    assert _compiled_beam_search.cache_info().misses == misses
 
 
 def test_ensembles_refuse_models_that_do_not_fit_together():
