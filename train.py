@@ -13,6 +13,7 @@ command line overrides the preset, which overrides the dataclass default.
     python train.py --evaluate --workdir runs/g2p-long --rescore-with runs/g2p-long-r2l
     python train.py --evaluate --workdir runs/g2p-long --average-checkpoints 3  # mean weights
     python train.py --evaluate --workdir runs/g2p-long --ensemble-with runs/g2p-long-seed1
+    python train.py --predict hello --workdir runs/g2p-long --ensemble-with runs/g2p-long-seed1
     python train.py --init-from runs/g2p-long --reverse-target --steps 12000 --lr-cycles 1 \
         --workdir runs/g2p-long-r2l         # fine-tune: starts from another run's weights
 
@@ -121,9 +122,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
                           "log-probability under this run's model and these runs' models "
                           "(same task; e.g. one trained with --reverse-target)")
     run.add_argument("--ensemble-with", nargs="+", metavar="WORKDIR", default=None,
-                     help="with --evaluate and --decode beam: decode with this run's model and "
-                          "these runs' models together, each token scored by the mean of their "
-                          "probabilities (same task, targets read the same way)")
+                     help="with --evaluate or --predict, and --decode beam: decode with this "
+                          "run's model and these runs' models together, each token scored by "
+                          "the mean of their probabilities (same task, targets read the same "
+                          "way)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     training = add_config_flags(parser, TrainingConfig, "training (TrainingConfig)")
     model = add_config_flags(parser, TransformerConfig, "model (TransformerConfig)",
@@ -151,9 +153,10 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
     decoding = {k: v for k, v in training_overrides.items()
                 if k in ("decode", "beam_size", "length_penalty", "eval_batch_size",
                          "average_checkpoints")}
-    for flag in ("rescore_with", "ensemble_with"):
-        if getattr(args, flag) is not None and not args.evaluate:
-            raise ValueError(f"--{flag.replace('_', '-')} works with --evaluate; add --evaluate")
+    if args.rescore_with is not None and not args.evaluate:
+        raise ValueError("--rescore-with works with --evaluate; add --evaluate")
+    if args.ensemble_with is not None and not (args.evaluate or args.predict is not None):
+        raise ValueError("--ensemble-with works with --evaluate or --predict; add one")
     if args.overwrite and (args.evaluate or args.predict is not None):
         raise ValueError("--overwrite deletes a run; --evaluate and --predict read one: drop "
                          "--overwrite")
@@ -171,8 +174,9 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
         return 0
 
     if args.predict is not None:
-        for text, output in zip(args.predict, predict(workdir, args.predict,
-                                                      config_overrides=decoding)):
+        outputs = predict(workdir, args.predict, config_overrides=decoding,
+                          ensemble_with=args.ensemble_with or ())
+        for text, output in zip(args.predict, outputs):
             print(f"{text}\t{output}")
         return 0
 

@@ -87,7 +87,16 @@ def test_end_to_end_on_copy_then_predict(tmp_path, capsys, monkeypatch):
     _one_error_line(capsys, ["--evaluate", "--workdir", str(workdir), "--ensemble-with",
                              str(workdir)], "add --decode beam")
     _one_error_line(capsys, ["--workdir", str(workdir), "--ensemble-with", str(workdir)],
-                    "add --evaluate")
+                    "works with --evaluate or --predict")
+    # --predict decodes with an ensemble too; the run with itself predicts as it alone does
+    assert train_cli.main(["--workdir", str(workdir), "--decode", "beam", "--predict", "a b c",
+                           "d e"]) == 0
+    alone = capsys.readouterr().out
+    assert train_cli.main(["--workdir", str(workdir), "--decode", "beam", "--predict", "a b c",
+                           "d e", "--ensemble-with", str(workdir)]) == 0
+    assert capsys.readouterr().out == alone
+    _one_error_line(capsys, ["--workdir", str(workdir), "--predict", "a", "--ensemble-with",
+                             str(workdir)], "add --decode beam")
     _one_error_line(capsys, ["--evaluate", "--workdir", str(workdir), "--decode", "beam",
                              "--rescore-with", str(tmp_path / "nothing")], "no config.json")
 

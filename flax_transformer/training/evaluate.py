@@ -138,10 +138,13 @@ def evaluate(model, eval_step, params, loss_set: EvalSet | None, decode_set: Eva
 
 
 def predict_texts(model, task: Task, texts: Sequence[str], config: TrainingConfig) -> list[str]:
-    """Outputs for raw input texts (e.g. words -> pronunciations), in the order given."""
+    """Outputs for raw input texts (e.g. words -> pronunciations), in the order given.
+    `model`: a Transformer or a list of them (an ensemble, beam search only)."""
     if not texts:
         raise ValueError("--predict needs at least one input text")
-    limit = model.config.max_len
+    from ..decoding import ensemble_members
+
+    limit = ensemble_members(model)[0].config.max_len
     encoded = []
     for text in texts:
         if not text.strip():

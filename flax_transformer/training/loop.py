@@ -343,11 +343,44 @@ def load_for_prediction(workdir: str | Path, config_overrides: dict[str, Any] | 
 
 
 def predict(workdir: str | Path, texts: list[str], *,
-            config_overrides: dict[str, Any] | None = None) -> list[str]:
+            config_overrides: dict[str, Any] | None = None,
+            ensemble_with: Sequence[str | Path] = ()) -> list[str]:
     """Outputs of the latest checkpoint in `workdir` for `texts` (decoding options such as
-    `decode`/`beam_size`, and `average_checkpoints`, may be overridden)."""
+    `decode`/`beam_size`, and `average_checkpoints`, may be overridden); `ensemble_with`: other
+    runs decoded together with it (beam search only, see `evaluate_run`)."""
     model, task, config = load_for_prediction(workdir, config_overrides)
-    return predict_texts(model, task, texts, config)
+    return predict_texts(ensemble(model, task, config, ensemble_with), task, texts, config)
+
+
+def _partner(workdir: str | Path, task: Task, max_len: int, role: str):
+    """(model, training config) of another run that joins the decoding one: same tokenizers
+    as `task`, and a max_len of at least `max_len` (ValueError otherwise)."""
+    other_model, other_task, other_config = load_for_prediction(workdir)
+    check_same_tokenizers(task, other_task, f"{role} run {workdir}")
+    if other_model.config.max_len < max_len:
+        raise ValueError(f"{role} run {workdir}: its model's max_len "
+                         f"{other_model.config.max_len} is below the decoding model's "
+                         f"{max_len}, so it cannot score every hypothesis")
+    return other_model, other_config
+
+
+def ensemble(model, task: Task, config: TrainingConfig, others: Sequence[str | Path]):
+    """`model` alone, or with no others given; else the list of `model` and the models of the
+    runs `others`, which must read targets as `config` says (`reverse_target`)."""
+    if not others:
+        return model
+    if config.decode != "beam":
+        raise ValueError("--ensemble-with needs beam search: add --decode beam")
+    members = [model]
+    for other in others:
+        other_model, other_config = _partner(other, task, model.config.max_len, "ensemble")
+        if other_config.reverse_target != config.reverse_target:
+            way = "right to left" if other_config.reverse_target else "left to right"
+            raise ValueError(f"ensemble run {other} reads targets {way} and the decoding run "
+                             "the other way; an ensemble's models must read them alike (pass "
+                             "a reversed run to --rescore-with instead)")
+        members.append(other_model)
+    return members
 
 
 def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = (),
@@ -371,30 +404,10 @@ def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = ()
             raise ValueError(f"{flag} needs beam search: add --decode beam")
     task = build_task(config, tokenizer_dir(workdir))
     max_len = model.config.max_len
-
-    def partner(other, role: str):
-        other_model, other_task, other_config = load_for_prediction(other)
-        check_same_tokenizers(task, other_task, f"{role} run {other}")
-        if other_model.config.max_len < max_len:
-            raise ValueError(f"{role} run {other}: its model's max_len "
-                             f"{other_model.config.max_len} is below the decoding model's "
-                             f"{max_len}, so it cannot score every hypothesis")
-        return other_model, other_config
-
-    members = [model]
-    for other in ensemble_with:
-        other_model, other_config = partner(other, "ensemble")
-        if other_config.reverse_target != config.reverse_target:
-            way = "right to left" if other_config.reverse_target else "left to right"
-            raise ValueError(f"ensemble run {other} reads targets {way} and the decoding run "
-                             "the other way; an ensemble's models must read them alike (pass "
-                             "a reversed run to --rescore-with instead)")
-        members.append(other_model)
-    decoder = members if len(members) > 1 else model
-    scorers = []
-    for other in rescore_with:
-        other_model, other_config = partner(other, "rescoring")
-        scorers.append(Scorer(other_model, other_config.reverse_target))
+    decoder = ensemble(model, task, config, ensemble_with)
+    scorers = [Scorer(other_model, other_config.reverse_target)
+               for other_model, other_config in (_partner(other, task, max_len, "rescoring")
+                                                 for other in rescore_with)]
     chosen = {split: task.split(split) for split in splits}
     chosen = {split: examples for split, examples in chosen.items() if examples}
     lengths = (eval_bucket_lengths(list(chosen.values()), config.eval_buckets, max_len)
