@@ -169,7 +169,9 @@ def beam_search(model, src_tokens, *, beam_size: int = 4, max_len: int,
     for member in models:
         max_len = check_max_len(member, max_len)
     alpha = check_real(length_penalty, "length_penalty")
-    src = [prepare_source(member, src_tokens) for member in models][0]
+    for member in models[1:]:
+        prepare_source(member, src_tokens)  # the ids fit every member's vocabulary
+    src = prepare_source(models[0], src_tokens)
     graphdefs, states = zip(*(split_model(member) for member in models))
     fn = _compiled_beam_search(tuple(graphdefs), beam_size, max_len)
     tokens, scores = fn(tuple(states), src, jnp.float32(alpha), jnp.bool_(early_stopping))
