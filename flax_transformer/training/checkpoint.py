@@ -107,26 +107,33 @@ class Checkpointer:
 
     def restore_average(self, like: TrainState, count: int) -> tuple[TrainState, list[int]]:
         """(state, steps): the latest readable state (as `restore`) with its parameters
-        replaced by their mean over the last `count` checkpoints up to it, and the steps
-        averaged (fewer than `count` when fewer are on disk). `count=1`: the state itself."""
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ValueError(f"average_checkpoints must be a positive integer, got {count!r}")
-        latest = self.restore(like)
-        last = int(jax.device_get(latest.step))
-        steps = [s for s in sorted(self.all_steps()) if s <= last][-count:]
-        if len(steps) < 2:
-            return latest, [last]
-        trees = [latest.params]
+        replaced by their mean over the last `count` checkpoints up to it (`average_with`),
+        and the steps averaged. `count=1`: the state itself."""
+        check_average_count(count)
+        return self.average_with(self.restore(like), count)
+
+    def average_with(self, state: TrainState, count: int) -> tuple[TrainState, list[int]]:
+        """(state, steps): `state` (the checkpoint of its step, in memory) with its parameters
+        replaced by their mean with those of the checkpoints before it, `count` in all or
+        fewer when fewer are on disk, and the steps averaged."""
+        check_average_count(count)
+        last = int(jax.device_get(state.step))
+        if count == 1:
+            return state, [last]
+        steps = [s for s in sorted(self.all_steps()) if s < last][-(count - 1):] + [last]
+        if len(steps) == 1:
+            return state, steps
+        trees = [state.params]
         for step in steps[:-1]:
             try:
-                trees.append(self._restore(like, step).params)
+                trees.append(self._restore(state, step).params)
             except Exception as err:  # damaged files surface as many error types
                 raise ValueError(
                     f"checkpoint {step} in {self.workdir / CHECKPOINT_DIR} cannot be read "
                     f"({_first_line(err)}); average fewer checkpoints "
                     f"(--average-checkpoints {len(steps) - 1 - steps.index(step)})"
                 ) from None
-        return latest._replace(params=mean_params(trees)), steps
+        return state._replace(params=mean_params(trees)), steps
 
     def _restore(self, like: TrainState, step: int) -> TrainState:
         target = abstract_train_state(like)
@@ -144,6 +151,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def check_average_count(count) -> int:
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"average_checkpoints must be a positive integer, got {count!r}")
+    return count
 
 
 def mean_params(trees: list[Any]) -> Any:

@@ -255,10 +255,8 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     if checkpointer.latest_step() != final_step:
         checkpointer.save(state)
 
-    final_params, averaged = state.params, [final_step]
-    if config.average_checkpoints > 1:
-        final_params, averaged = checkpointer.restore_average(state, config.average_checkpoints)
-        final_params = final_params.params
+    final, averaged = checkpointer.average_with(state, config.average_checkpoints)
+    final_params = final.params
     test_results: dict[str, float] = {}
     if task.test:
         test_set = EvalSet(task.test, eval_lengths, max_len, **eval_options)
@@ -398,16 +396,16 @@ def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = ()
     `reverse_target`) whose models rerank the beam's hypotheses (see `rescore.py`).
     Returns {split: metrics}; a split without examples is left out.
     """
-    model, _, config = load_for_prediction(workdir, config_overrides)
-    for flag, runs in (("--rescore-with", rescore_with), ("--ensemble-with", ensemble_with)):
-        if runs and config.decode != "beam":
-            raise ValueError(f"{flag} needs beam search: add --decode beam")
-    task = build_task(config, tokenizer_dir(workdir))
+    model, saved, config = load_for_prediction(workdir, config_overrides)
+    if rescore_with and config.decode != "beam":
+        raise ValueError("--rescore-with needs beam search: add --decode beam")
+    # The partners are checked against the run's saved tokenizers, before the data loads.
     max_len = model.config.max_len
-    decoder = ensemble(model, task, config, ensemble_with)
+    decoder = ensemble(model, saved, config, ensemble_with)
     scorers = [Scorer(other_model, other_config.reverse_target)
-               for other_model, other_config in (_partner(other, task, max_len, "rescoring")
+               for other_model, other_config in (_partner(other, saved, max_len, "rescoring")
                                                  for other in rescore_with)]
+    task = build_task(config, tokenizer_dir(workdir))
     chosen = {split: task.split(split) for split in splits}
     chosen = {split: examples for split, examples in chosen.items() if examples}
     lengths = (eval_bucket_lengths(list(chosen.values()), config.eval_buckets, max_len)
