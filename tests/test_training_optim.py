@@ -9,9 +9,11 @@ import numpy as np
 import optax
 import pytest
 
+from flax_transformer import TransformerConfig
 from flax_transformer.training import TrainingConfig, make_optimizer, make_schedule
 from flax_transformer.training.config import RUN_PRESETS, resolve_preset
 from flax_transformer.training.optim import decay_mask, learning_rate_at
+from flax_transformer.training.state import init_model
 
 
 def paper_lr(step, d_model, warmup, scale=1.0):
@@ -134,6 +136,22 @@ def test_adamw_decays_matrices_only():
     np.testing.assert_allclose(np.asarray(updates["w"]), -0.01, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(updates["b"]), 0.0)
     assert decay_mask(params) == {"w": True, "b": False}
+
+
+def test_adamw_decay_mask_on_a_real_model():
+    config = TransformerConfig.preset("tiny", src_vocab_size=11, tgt_vocab_size=13,
+                                      tie_output=False)
+    _, params = init_model(config, 0)
+    mask = jax.tree_util.tree_leaves_with_path(decay_mask(params))
+    decayed = {jax.tree_util.keystr(path) for path, flag in mask if flag}
+    names = {path[-1].key for path, _ in mask}
+    kept = {path[-1].key for path, flag in mask if not flag}
+    assert kept == {"bias", "scale", "b1", "b2", "query_bias", "key_value_bias",
+                    "output_bias"} & names
+    assert "key_value_bias" in kept  # [2, D]: a bias, though not a vector
+    assert any("key_value_kernel" in name for name in decayed)
+    assert any("embedding" in name for name in decayed)
+    assert "['output']['kernel']" in decayed and "['output']['bias']" not in decayed
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -95,8 +95,15 @@ def make_schedule(config: TrainingConfig, d_model: int) -> Schedule:
 
 
 def decay_mask(params):
-    """True for matrices (decayed by AdamW), False for biases and LayerNorm scales."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """True for weight matrices and embeddings (decayed by AdamW); False for vectors (biases,
+    LayerNorm scales) and for any leaf whose name ends in "bias" (e.g. the attention's
+    [2, D] key/value bias)."""
+
+    def decayed(path, p) -> bool:
+        name = getattr(path[-1], "key", getattr(path[-1], "name", "")) if path else ""
+        return jnp.ndim(p) >= 2 and not str(name).endswith("bias")
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(
