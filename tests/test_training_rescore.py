@@ -158,3 +158,16 @@ def test_right_to_left_run_learns_copy_and_evaluates_in_reading_order(tmp_path):
     with pytest.raises(ValueError, match="reads targets left to right .* --rescore-with"):
         evaluate_run(tmp_path / "r2l", ensemble_with=[tmp_path / "l2r"],
                      config_overrides={"decode": "beam"})
+
+
+def test_decode_batch_bounds_an_ensemble_by_its_shortest_max_len():
+    from flax_transformer.training.evaluate import decode_batch
+
+    long = Transformer(CONFIG.replace(max_len=40), rngs=nnx.Rngs(1))
+    short = Transformer(CONFIG, rngs=nnx.Rngs(2))  # max_len 24
+    src = np.array([[5, 6, 7, 8] * 4 + [EOS_ID]], np.int32)  # 17 tokens: 1.5x + 10 > 24
+    config = TrainingConfig(task="copy", decode="beam", beam_size=2)
+    tokens = decode_batch([long, short], src, config)
+    assert tokens.shape[1] <= 24
+    with pytest.raises(ValueError, match="an ensemble decodes with beam search"):
+        decode_batch([long, short], src, config.replace(decode="greedy"))

@@ -95,12 +95,12 @@ def decode_batch(model, src: np.ndarray, config: TrainingConfig,
                  max_len: int | None = None) -> np.ndarray:
     """Greedy or beam decoding of one source batch [B, S] -> tokens [B, L] (eos, then pad).
     `model`: a Transformer, or a list of them decoded as an ensemble (beam search only; the
-    first model's max_len bounds the output)."""
+    smallest max_len among them bounds the output)."""
     from ..decoding import beam_search, ensemble_members, greedy_decode
 
     members = ensemble_members(model)
     if max_len is None:
-        max_len = decode_len(members[0].config.max_len, src.shape[1])
+        max_len = decode_len(min(m.config.max_len for m in members), src.shape[1])
     if config.decode == "beam":
         tokens, _ = beam_search(model, src, beam_size=config.beam_size, max_len=max_len,
                                 length_penalty=config.length_penalty)
