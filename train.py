@@ -83,7 +83,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str,
             continue
         flag = "--" + field.name.replace("_", "-")
         base, optional = _flag_type(hints[field.name])
-        help_text = f"default: {field.default} (or the preset's)"
+        help_text = f"{field.metadata['help']} (default: {field.default}, or the preset's)"
         if base is bool:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
@@ -118,7 +118,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
                           "examples (decoding flags such as --beam-size apply, and "
                           "--average-checkpoints)")
     run.add_argument("--rescore-with", nargs="+", metavar="WORKDIR", default=None,
-                     help="with --evaluate: rerank the beam's hypotheses by the mean "
+                     help="with --evaluate and --decode beam (the G2P and translate presets' "
+                          "default): rerank the beam's hypotheses by the mean "
                           "log-probability under this run's model and these runs' models "
                           "(same task; e.g. one trained with --reverse-target)")
     run.add_argument("--ensemble-with", nargs="+", metavar="WORKDIR", default=None,

@@ -40,6 +40,11 @@ def as_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its one-line `help` (shown by `train.py --help`)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 # Type checks (and conversion to plain Python values) by field annotation.
 FIELD_TYPES = {"int": as_positive_int, "float": as_finite_float, "bool": as_bool}
 
@@ -83,26 +88,33 @@ class TransformerConfig(ConfigMethods):
     remat: recompute each layer's activations in the backward pass (less memory, more FLOPs).
     """
 
-    src_vocab_size: int = 32000
-    tgt_vocab_size: int = 32000
-    d_model: int = 512
-    num_heads: int = 8
-    d_ff: int = 2048
-    num_encoder_layers: int = 6
-    num_decoder_layers: int = 6
-    dropout_rate: float = 0.1
-    attention_dropout_rate: float = 0.0
-    max_len: int = 256
-    norm: str = "post"
-    activation: str = "relu"
-    share_embeddings: bool = False
-    tie_output: bool = True
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    attention_impl: str = "dense"
-    attention_block_size: int = 512
-    layer_norm_epsilon: float = 1e-6
-    remat: bool = False
+    src_vocab_size: int = option(
+        32000, "source vocabulary size, ids 0-3 included (train.py: from the data)")
+    tgt_vocab_size: int = option(
+        32000, "target vocabulary size, ids 0-3 included (train.py: from the data)")
+    d_model: int = option(512, "width of the embeddings and of every sub-layer's output")
+    num_heads: int = option(8, "attention heads; must divide d_model")
+    d_ff: int = option(2048, "inner width of the position-wise feed-forward network")
+    num_encoder_layers: int = option(6, "encoder layers")
+    num_decoder_layers: int = option(6, "decoder layers")
+    dropout_rate: float = option(
+        0.1, "dropout on embeddings and on each sub-layer's output (0: none)")
+    attention_dropout_rate: float = option(0.0, "dropout on the attention weights")
+    max_len: int = option(256, "longest source or target in tokens (bos/eos included)")
+    norm: str = option("post", "Add&Norm: post (the paper's LayerNorm(x + f(x))) or pre")
+    activation: str = option("relu", "feed-forward non-linearity: relu, gelu, gelu_tanh, silu")
+    share_embeddings: bool = option(
+        False, "one embedding table for source and target (equal vocabularies)")
+    tie_output: bool = option(True, "the output layer reuses the target embedding matrix")
+    dtype: str = option("float32", "compute dtype: float32, bfloat16, float16, or auto "
+                                   "(bfloat16 where the chip has bf16 matmul units)")
+    param_dtype: str = option("float32", "storage dtype of the parameters")
+    attention_impl: str = option(
+        "dense", "attention kernel: dense, vmap (the reference), xla, blockwise (long sequences)")
+    attention_block_size: int = option(512, "blockwise kernel tiles: b queries x b/2 keys")
+    layer_norm_epsilon: float = option(1e-6, "LayerNorm epsilon")
+    remat: bool = option(
+        False, "recompute each layer's activations in the backward pass (less memory)")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

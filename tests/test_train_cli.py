@@ -263,3 +263,29 @@ def test_evaluate_with_nothing_to_score_says_so(capsys, tmp_path):
     capsys.readouterr()
     _one_error_line(capsys, ["--evaluate", "--workdir", str(workdir)],
                     "has no valid or test examples to score")
+
+
+def test_help_explains_every_flag_and_lists_the_choices(capsys):
+    import dataclasses
+
+    from flax_transformer.config import DTYPES, NORMS, TransformerConfig
+    from flax_transformer.data import available_tasks
+    from flax_transformer.data.translate import CORPORA
+    from flax_transformer.kernels import ACTIVATIONS, IMPLEMENTATIONS
+    from flax_transformer.training.config import DECODERS, OPTIMIZERS, SCHEDULES, TrainingConfig
+
+    for cls in (TransformerConfig, TrainingConfig):
+        for field in dataclasses.fields(cls):
+            assert field.metadata.get("help", "").strip(), f"{cls.__name__}.{field.name}"
+    choices = {"norm": NORMS, "activation": tuple(ACTIVATIONS), "attention_impl": IMPLEMENTATIONS,
+               "dtype": (*DTYPES, "auto"), "optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES,
+               "decode": DECODERS, "corpus": CORPORA, "task": tuple(available_tasks())}
+    helps = {f.name: f.metadata["help"]
+             for cls in (TransformerConfig, TrainingConfig) for f in dataclasses.fields(cls)}
+    for name, values in choices.items():
+        words = set(helps[name].replace(",", " ").replace("(", " ").split())
+        assert set(values) <= words, (name, set(values) - words)
+    with pytest.raises(SystemExit):
+        train_cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "GNMT length penalty" in text and "(default: 0.6, or the preset's)" in text

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import ConfigMethods, TransformerConfig, as_bool, as_finite_float
+from ..config import ConfigMethods, TransformerConfig, as_bool, as_finite_float, option
 from ..data.translate import CORPORA
 
 OPTIMIZERS = ("adam", "adamw")
@@ -29,7 +29,8 @@ class TrainingConfig(ConfigMethods):
     `lr_cycles` times: equal cycles of warmup + decay, so a finished run can be continued
     with another cycle and equal a run planned that way from the start); "rsqrt" warms up
     linearly to `learning_rate` then decays as (warmup_steps / step)^0.5; "constant" warms up
-    linearly and stays. Steps count optimizer updates (`steps // accumulate_steps` of them).
+    linearly and stays. Schedules count optimizer updates: `steps` training batches make
+    `steps // accumulate_steps` of them.
     `batch_size` is sequences per batch; every batch is padded to one of `num_buckets` lengths.
     `eval_examples` caps the validation examples decoded for the task metric (0: all).
     `eval_buckets`: the valid and test splits are padded to at most this many lengths, shared
@@ -51,45 +52,52 @@ class TrainingConfig(ConfigMethods):
     log alone).
     """
 
-    task: str = "g2p"
-    seed: int = 0
-    steps: int = 10000
-    batch_size: int = 64
-    num_buckets: int = 4
-    log_every: int = 100
-    eval_every: int = 2000
-    checkpoint_every: int = 2000
-    keep_checkpoints: int = 3
-    average_checkpoints: int = 1
-    optimizer: str = "adam"
-    learning_rate: float = 1.0
-    lr_schedule: str = "noam"
-    warmup_steps: int = 4000
-    min_lr_ratio: float = 0.0
-    lr_cycles: int = 1
-    adam_b1: float = 0.9
-    adam_b2: float = 0.98
-    adam_eps: float = 1e-9
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.1
-    grad_clip: float = 1.0
-    accumulate_steps: int = 1
-    decode: str = "greedy"
-    beam_size: int = 4
-    length_penalty: float = 0.6
-    reverse_target: bool = False
-    init_from: str | None = None
-    eval_batch_size: int = 256
-    eval_buckets: int = 2
-    eval_examples: int = 1000
-    max_examples: int | None = None
-    subword_vocab_size: int = 8000
-    corpus: str | None = None
-    train_file: str | None = None
-    valid_file: str | None = None
-    test_file: str | None = None
-    data_dir: str | None = None
-    tensorboard: bool = True
+    task: str = option("g2p", "g2p, translate, copy or reverse")
+    seed: int = option(0, "fixes the initial parameters, the batch order and every dropout mask")
+    steps: int = option(
+        10000, "training batches (the optimizer updates steps // accumulate_steps times)")
+    batch_size: int = option(64, "sequences per batch")
+    num_buckets: int = option(4, "training batches are padded to one of this many lengths")
+    log_every: int = option(100, "steps between training metrics (fetched from the device then)")
+    eval_every: int = option(2000, "steps between validations")
+    checkpoint_every: int = option(
+        2000, "steps between checkpoints (one is also written at the end)")
+    keep_checkpoints: int = option(3, "checkpoints kept, the latest ones")
+    average_checkpoints: int = option(1, "the run's model is the mean of its last N checkpoints")
+    optimizer: str = option("adam", "adam or adamw (decoupled weight decay on matrices)")
+    learning_rate: float = option(
+        1.0, "peak learning rate; with lr_schedule noam, the scale factor")
+    lr_schedule: str = option(
+        "noam", "noam (the paper's), cosine, rsqrt or constant, each after a warmup")
+    warmup_steps: int = option(4000, "optimizer updates of linear warmup")
+    min_lr_ratio: float = option(0.0, "cosine: the final learning rate as a fraction of the peak")
+    lr_cycles: int = option(1, "cosine: equal warmup+decay cycles (N - 1 warm restarts)")
+    adam_b1: float = option(0.9, "Adam beta1")
+    adam_b2: float = option(0.98, "Adam beta2")
+    adam_eps: float = option(1e-9, "Adam epsilon")
+    weight_decay: float = option(0.0, "adamw: decoupled weight decay")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy (0: none)")
+    grad_clip: float = option(1.0, "global gradient norm limit (0: no clipping)")
+    accumulate_steps: int = option(1, "batches whose gradients are averaged into one update")
+    decode: str = option("greedy", "decoding for the task metric and --predict: greedy or beam")
+    beam_size: int = option(4, "beams of beam search")
+    length_penalty: float = option(0.6, "beam search: GNMT length penalty alpha (0: none)")
+    reverse_target: bool = option(False, "learn to write each target right to left")
+    init_from: str | None = option(
+        None, "start from the latest parameters of this run directory (fine-tuning)")
+    eval_batch_size: int = option(256, "sequences per batch when evaluating and decoding")
+    eval_buckets: int = option(2, "valid and test are padded to at most this many lengths")
+    eval_examples: int = option(1000, "validation examples decoded for the task metric (0: all)")
+    max_examples: int | None = option(
+        None, "use at most this many examples of each split (a quick try)")
+    subword_vocab_size: int = option(8000, "translate: size of the joint SentencePiece vocabulary")
+    corpus: str | None = option(None, "translate: built-in corpus bible (default) or trans-de-en")
+    train_file: str | None = option(None, "your training pairs: source<TAB>target per line")
+    valid_file: str | None = option(None, "your validation pairs (default: carved from train_file)")
+    test_file: str | None = option(None, "your test pairs (default: carved from train_file)")
+    data_dir: str | None = option(
+        None, "folder with the task's data file instead of the installed package's")
+    tensorboard: bool = option(True, "also write TensorBoard event files (needs tensorboardX)")
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "num_buckets", "log_every", "eval_every",
