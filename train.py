@@ -5,7 +5,7 @@ Every field of `TransformerConfig` and `TrainingConfig` is a flag (`d_model` -> 
 command line overrides the preset, which overrides the dataclass default.
 
     python train.py                                   # g2p, preset "g2p", workdir runs/g2p
-    python train.py --preset g2p-long --workdir runs/g2p-long
+    python train.py --preset g2p-long                 # workdir runs/g2p-long
     python train.py --task translate                  # needs: pip install -e .[translate]
     python train.py --task translate --train-file pairs.tsv --workdir runs/mine
     python train.py --resume --steps 8000             # continue runs/g2p to step 8000
@@ -39,6 +39,18 @@ from flax_transformer.training.config import RUN_PRESETS, TrainingConfig  # noqa
 
 # Model fields that come from the data, not from the command line.
 DERIVED_MODEL_FIELDS = ("src_vocab_size", "tgt_vocab_size")
+# Training fields accepted when reading a finished run (--evaluate, --predict); "task" only
+# picks the default work directory, and "keep_checkpoints" changes nothing there (every kept
+# checkpoint may be averaged).
+READING_FIELDS = ("decode", "beam_size", "length_penalty", "eval_batch_size", "eval_buckets",
+                  "average_checkpoints", "keep_checkpoints", "data_dir", "task")
+
+
+def default_workdir(preset: str | None, task: str | None) -> str:
+    """runs/<preset> for a run preset (e.g. runs/g2p-long), else runs/<task>."""
+    if preset in RUN_PRESETS:
+        return f"runs/{preset}"
+    return f"runs/{task or TrainingConfig.task}"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -106,7 +118,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
                      help=f"run preset: {presets}; or a model preset tiny/small/base/big "
                           "(default: the task's preset)")
     run.add_argument("--workdir", default=None,
-                     help="where checkpoints, metrics and the plot go (default: runs/<task>)")
+                     help="where checkpoints, metrics and the plot go (default: "
+                          "runs/<preset> with a run --preset, else runs/<task>)")
     run.add_argument("--resume", action="store_true",
                      help="continue from the latest checkpoint in --workdir")
     run.add_argument("--overwrite", action="store_true",
@@ -148,12 +161,18 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
     task = training_overrides.get("task")
     if task is not None and task not in available_tasks():
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(available_tasks())}")
-    workdir = args.workdir or f"runs/{task or TrainingConfig.task}"
+    workdir = args.workdir or default_workdir(args.preset, task)
 
-    # Settings that apply to reading a finished run (--evaluate, --predict).
+    if args.evaluate or args.predict is not None:
+        # A finished run is read with its saved settings; only decoding flags apply.
+        ignored = sorted({*model_overrides, *training_overrides} - set(READING_FIELDS))
+        if ignored:
+            flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+            allowed = ", ".join("--" + name.replace("_", "-") for name in READING_FIELDS)
+            raise ValueError(f"{flags}: not used by --evaluate/--predict, which read the run's "
+                             f"saved settings; drop them (these apply: {allowed})")
     decoding = {k: v for k, v in training_overrides.items()
-                if k in ("decode", "beam_size", "length_penalty", "eval_batch_size",
-                         "average_checkpoints")}
+                if k not in ("task", "keep_checkpoints")}
     if args.rescore_with is not None and not args.evaluate:
         raise ValueError("--rescore-with works with --evaluate; add --evaluate")
     if args.ensemble_with is not None and not (args.evaluate or args.predict is not None):
@@ -195,10 +214,9 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
         config = config.replace(**training_overrides)
     elif training_overrides.get("init_from") is not None:
         # Fine-tuning: the model is the other run's; so are the task and training settings
-        # unless --task or --preset names others (train() refuses another task). Flags
-        # override either.
+        # unless --preset names others (train() refuses another task). Flags override either.
         model_config, config = load_run_config(training_overrides["init_from"])
-        if args.preset is not None or task is not None:
+        if args.preset is not None:
             config = resolve_preset(args.preset, task)[1]
         model_config = model_config.replace(**model_overrides)
         config = config.replace(**training_overrides)

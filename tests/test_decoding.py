@@ -333,7 +333,8 @@ def test_filter_logits_top_k_and_top_p():
     assert kept(filter_logits(logits, temperature=1.0, top_p=0.6)) == [1, 1, 0, 0, 0]
     assert kept(filter_logits(logits, temperature=1.0, top_p=0.86)) == [1, 1, 1, 1, 0]
     assert kept(filter_logits(logits, temperature=2.0, top_k=9, top_p=1.0)) == [1] * 5
-    np.testing.assert_allclose(filter_logits(logits, temperature=2.0), logits / 2)
+    np.testing.assert_allclose(filter_logits(logits, temperature=2.0),
+                               (logits - jnp.log(0.5)) / 2, rtol=1e-6)  # the largest at 0
 
 
 @pytest.mark.parametrize("call, match", [
@@ -367,3 +368,58 @@ def test_first_argmax_matches_jnp_argmax():
     x[1, 2, [3, 30]] = np.nan  # NaN: the first NaN, as jnp.argmax
     x[2, 1] = -np.inf
     np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), jnp.argmax(jnp.asarray(x), -1))
+
+
+def test_sampling_at_a_tiny_temperature_is_greedy():
+    model = model_for()
+    greedy = greedy_decode(model, SRC, max_len=MAX_LEN)
+    cold = sample_decode(model, SRC, rng=jax.random.key(3), max_len=MAX_LEN, temperature=1e-38)
+    np.testing.assert_array_equal(cold, greedy)
+
+
+def test_filter_logits_checks_concrete_arguments():
+    logits = jnp.array([[1.0, 2.0, 3.0]])
+    for kwargs, message in [(dict(temperature=0.0), "temperature must be > 0"),
+                            (dict(temperature=-1.0), "temperature must be > 0"),
+                            (dict(temperature=1.0, top_k=0), "top_k must be an integer >= 1"),
+                            (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
+                            (dict(temperature=1.0, top_p=2.0), r"top_p must be in \(0, 1\]")]:
+        with pytest.raises(ValueError, match=message):
+            filter_logits(logits, **kwargs)
+    cold = np.asarray(filter_logits(logits, temperature=1e-30, top_k=2))
+    assert np.isneginf(cold).tolist() == [[True, False, False]]  # top_k's cut
+    assert cold[0, 2] == 0.0 and not np.isnan(cold).any()  # no overflow to +inf
+
+
+def test_boolean_options_must_be_booleans():
+    model = model_for()
+    with pytest.raises(ValueError, match="ignore_eos must be True or False"):
+        greedy_decode(model, SRC, max_len=MAX_LEN, ignore_eos="no")
+    with pytest.raises(ValueError, match="use_cache must be True or False"):
+        sample_decode(model, SRC, rng=0, max_len=MAX_LEN, use_cache=None)
+    with pytest.raises(ValueError, match="early_stopping must be True or False"):
+        beam_search(model, SRC, max_len=MAX_LEN, early_stopping="x")
+    with pytest.raises(ValueError, match="return_all_beams must be True or False"):
+        beam_search(model, SRC, max_len=MAX_LEN, return_all_beams=1)
+
+
+def test_decode_step_checks_concrete_positions_and_init_cache_its_mask():
+    model = model_for(dropout_rate=0.0)
+    src = jnp.asarray(SRC)
+    memory, mask = model.encode(src), padding_mask(src)
+    cache = model.init_cache(memory, mask, 4)
+    token = jnp.ones((3, 1), jnp.int32)
+    with pytest.raises(ValueError, match="position 10 is outside the cache's 4"):
+        model.decode_step(token, jnp.int32(10), cache)
+    for position in (1.0, None, jnp.float32(1), True):
+        with pytest.raises(ValueError, match="position must be an integer"):
+            model.decode_step(token, position, cache)
+    logits, _ = model.decode_step(token, jnp.int32(0), cache)
+    np.testing.assert_array_equal(np.asarray(logits),
+                                  np.asarray(model.decode_step(token, 0, cache)[0]))
+    with pytest.raises(ValueError, match="mask"):
+        model.init_cache(memory, mask[:, :, :, :3], 4)  # the wrong source length
+    with pytest.raises(ValueError, match="mask"):
+        model.init_cache(memory, mask[:, 0, 0], 4)  # [B, S], not [B, 1, 1, S]
+    with pytest.raises(ValueError, match="mask must be boolean"):
+        model.init_cache(memory, mask.astype(jnp.int32), 4)

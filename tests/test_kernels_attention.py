@@ -336,3 +336,52 @@ def test_cached_attention_fully_masked_rows_and_grads(rng):
         args = [jnp.asarray(x, jnp.float64) for x in (q, *caches)]
         check_grads(lambda a, b, c: cached_attention(a, b, c, mask), args, order=1,
                     modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_integer_inputs_are_refused(rng, implementation):
+    q, k, v = random_qkv(rng)
+    with pytest.raises(ValueError, match="q must be a floating-point array"):
+        multi_head_attention(q.astype(np.int32), k, v, implementation=implementation)
+    with pytest.raises(ValueError, match="v must be a floating-point array"):
+        multi_head_attention(q, k, v.astype(np.int32), implementation=implementation)
+
+
+def test_integer_inputs_are_refused_by_the_single_head_and_cached_paths(rng):
+    q, k, v = random_qkv(rng)
+    with pytest.raises(ValueError, match="k must be a floating-point array"):
+        single_head_attention(q[0, :, 0], k[0, :, 0].astype(np.int32), v[0, :, 0])
+    key, value = cache_layout(jnp.asarray(k), jnp.asarray(v))
+    with pytest.raises(ValueError, match="value_cache must be a floating-point array"):
+        cached_attention(q, key, value.astype(jnp.int32))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("tq, tk", [(0, 7), (5, 0), (0, 0)])
+def test_empty_queries_or_keys_give_zeros(rng, implementation, tq, tk):
+    q, k, v = random_qkv(rng, tq=tq, tk=tk, dv=6 if implementation != "xla" else 8)
+    out = multi_head_attention(q, k, v, implementation=implementation)
+    assert out.shape == (2, tq, 3, v.shape[-1]) and out.dtype == q.dtype
+    assert not np.any(np.asarray(out))
+
+
+def test_xla_path_promotes_mixed_dtypes_as_the_others_do(rng):
+    q, k, v = random_qkv(rng)
+    q16 = jnp.asarray(q, jnp.bfloat16)
+    expected = multi_head_attention(q16, k, v, implementation="vmap")
+    out = multi_head_attention(q16, k, v, implementation="xla")
+    assert out.dtype == expected.dtype == jnp.bfloat16
+    assert relative_error(out, expected) < 1e-2
+
+
+def test_mask_must_be_an_array():
+    with pytest.raises(ValueError, match="mask must be a boolean array"):
+        multi_head_attention(*random_qkv(np.random.default_rng(0)), [[True]])
+
+
+def test_mask_helpers_refuse_non_integer_lengths_and_accept_lists():
+    with pytest.raises(ValueError, match="length must be an int"):
+        causal_mask(2.5)
+    with pytest.raises(ValueError, match="key_length must be an int"):
+        causal_mask(2, "3")
+    assert padding_mask([[5, 0]]).tolist() == [[[[True, False]]]]

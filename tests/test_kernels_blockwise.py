@@ -205,3 +205,17 @@ def test_invalid_inputs_raise():
         blockwise_attention(q, k, v, jnp.ones((1, 1, 5, 5), jnp.int32))
     with pytest.raises(ValueError, match="causal=True needs query length <= key length"):
         blockwise_attention(q, k[:, :3], v[:, :3], causal=True)
+
+
+@pytest.mark.parametrize("block_size", [2.5, None, (4.7, 3.2), True, (4,), (4, 0), "8"])
+def test_bad_block_sizes_are_refused(block_size):
+    q, k, v = (jnp.ones((1, 4, 1, 8)),) * 3
+    with pytest.raises(ValueError, match="block_size must be an int >= 1 or a pair"):
+        blockwise_attention(q, k, v, block_size=block_size)
+
+
+def test_numpy_integer_block_sizes_are_accepted():
+    q, k, v = (jnp.ones((1, 4, 1, 8)),) * 3
+    a = blockwise_attention(q, k, v, block_size=np.int64(4))
+    b = blockwise_attention(q, k, v, block_size=(np.int32(4), 2))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

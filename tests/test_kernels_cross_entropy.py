@@ -67,5 +67,21 @@ def test_large_logits_are_stable_and_bfloat16_runs():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="disagree"):
         softmax_cross_entropy(jnp.zeros((2, 5)), jnp.zeros((3,), jnp.int32))
-    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\)"):
         softmax_cross_entropy(jnp.zeros((2, 5)), jnp.zeros((2,), jnp.int32), label_smoothing=1.0)
+
+
+def test_bad_targets_and_smoothing_are_refused():
+    logits = jnp.zeros((2, 3, 8))
+    with pytest.raises(ValueError, match=r"target ids must be in \[0, 8\).*from 0 to 8"):
+        softmax_cross_entropy(logits, jnp.array([[8, 5, 0], [2, 0, 0]]))
+    with pytest.raises(ValueError, match="from -1 to 5"):
+        softmax_cross_entropy(logits, np.array([[-1, 5, 0], [2, 0, 0]]))
+    with pytest.raises(ValueError, match="targets must be integer ids"):
+        softmax_cross_entropy(logits, jnp.full((2, 3), 2.9))
+    for value in ("0.1", None, True, 1.0):
+        with pytest.raises(ValueError, match="label_smoothing must be a number in"):
+            softmax_cross_entropy(logits, jnp.zeros((2, 3), jnp.int32), label_smoothing=value)
+    # traced targets are not read back; under jit only the dtype is checked
+    loss = jax.jit(lambda z, y: softmax_cross_entropy(z, y)[0])(logits, jnp.ones((2, 3), int))
+    np.testing.assert_allclose(np.asarray(loss), np.log(8.0), rtol=1e-6)

@@ -74,3 +74,13 @@ def test_sinusoidal_positions_formula():
     with pytest.raises(ValueError, match="even d_model"):
         sinusoidal_positions(10, 7)
     assert jnp.asarray(pe).shape == (50, 16)
+
+
+def test_positions_and_activation_names_are_checked():
+    with pytest.raises(ValueError, match="max_len must be an int"):
+        sinusoidal_positions(2.5, 8)
+    with pytest.raises(ValueError, match="d_model must be an int"):
+        sinusoidal_positions(4, True)
+    w1, w2 = jnp.ones((4, 8)), jnp.ones((8, 4))
+    with pytest.raises(ValueError, match="activation must be a name"):
+        feed_forward(jnp.ones((2, 4)), w1, None, w2, None, activation=["relu"])

@@ -28,3 +28,12 @@ def test_gradients():
     with jax.enable_x64(True):
         args = (rng.normal(size=(3, 6)), rng.normal(size=6), rng.normal(size=6))
         check_grads(layer_norm, args, order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_epsilon_must_be_positive():
+    import pytest
+
+    x = jnp.ones((2, 4))
+    for epsilon in (0.0, -1e-6, "1e-6"):
+        with pytest.raises(ValueError, match="epsilon must be a float > 0"):
+            layer_norm(x, jnp.ones(4), jnp.zeros(4), epsilon=epsilon)

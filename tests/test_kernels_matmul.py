@@ -248,3 +248,14 @@ def test_compiled_unembed_dots_read_bf16_operands(rng):
 def test_unembed_shapes_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="do not fit"):
         matmul.unembed(jnp.zeros((2, 16)), jnp.zeros((10, 8)))
+
+
+def test_scalars_are_refused_with_the_shapes_named():
+    from flax_transformer.kernels import unembed
+
+    with pytest.raises(ValueError, match="do not chain"):
+        project(jnp.float32(1.0), jnp.ones((1, 3)))
+    with pytest.raises(ValueError, match="do not chain"):
+        project(jnp.ones((2, 1)), jnp.float32(1.0))
+    with pytest.raises(ValueError, match="do not fit"):
+        unembed(jnp.float32(1.0), jnp.ones((5, 1)))

@@ -281,3 +281,17 @@ def test_steps_refuse_bad_batches_before_they_reach_the_parameters():
     with pytest.raises(ValueError, match="batch shapes do not match"):
         train_step(state, {**device_batch, "src": device_batch["src"][:2]})
     train_step(state, device_batch)
+
+
+def test_unjitted_steps_check_their_batches_and_label_smoothing_is_checked_up_front():
+    parts, tx, state, batch = _tiny_state_and_batch()
+    bad = {**batch, "tgt_out": batch["tgt_out"] + parts.config.tgt_vocab_size}
+    with pytest.raises(ValueError, match=r"batch\['tgt_out'\] holds token ids"):
+        make_train_step(parts, tx, jit=False)(state, bad)
+    with pytest.raises(ValueError, match=r"batch\['tgt_out'\] holds token ids"):
+        make_eval_step(parts, jit=False)(state.params, bad)
+    for value in (1.5, -0.1, "0.1", None):
+        with pytest.raises(ValueError, match="label_smoothing must be a number in"):
+            make_train_step(parts, tx, label_smoothing=value)
+        with pytest.raises(ValueError, match="label_smoothing must be a number in"):
+            make_eval_step(parts, label_smoothing=value)

@@ -191,3 +191,23 @@ def test_presets_resolve_and_unknown_ones_fail():
         resolve_preset("nope", None)
     with pytest.raises(ValueError, match="unknown TrainingConfig field"):
         TrainingConfig().replace(stepz=3)
+
+
+def test_training_config_checks_the_task_and_paths():
+    with pytest.raises(ValueError, match=r"task='nope' is not known; choose one of \["):
+        TrainingConfig(task="nope")
+    for name in ("train_file", "valid_file", "test_file", "data_dir"):
+        for value in (0, True, "", float("nan")):
+            with pytest.raises(ValueError, match=f"{name} must be a path"):
+                TrainingConfig(task="translate", **{name: value})
+    from pathlib import Path
+    assert TrainingConfig(task="translate", train_file=Path("a.tsv")).train_file == "a.tsv"
+
+
+def test_noam_schedule_refuses_a_zero_width():
+    from flax_transformer.training.optim import noam_schedule
+
+    with pytest.raises(ValueError, match="d_model >= 1 and scale > 0"):
+        noam_schedule(0, 10)
+    with pytest.raises(ValueError, match="d_model >= 1 and scale > 0"):
+        make_optimizer(TrainingConfig(), 0)

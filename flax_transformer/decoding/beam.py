@@ -34,6 +34,7 @@ from ..kernels import padding_mask
 from ..nn import BOS_ID, EOS_ID
 from .common import (
     NEG_INF,
+    check_bool,
     check_max_len,
     check_model,
     check_positive_int,
@@ -169,6 +170,8 @@ def beam_search(model, src_tokens, *, beam_size: int = 4, max_len: int,
     for member in models:
         max_len = check_max_len(member, max_len)
     alpha = check_real(length_penalty, "length_penalty")
+    early_stopping = check_bool(early_stopping, "early_stopping")
+    return_all_beams = check_bool(return_all_beams, "return_all_beams")
     for member in models[1:]:
         prepare_source(member, src_tokens)  # the ids fit every member's vocabulary
     src = prepare_source(models[0], src_tokens)

@@ -17,6 +17,7 @@ NEG_INF = -jnp.inf
 
 
 def check_model(model) -> None:
+    """ValueError unless `model` is a flax_transformer `Transformer`."""
     if not isinstance(model, Transformer):
         raise ValueError(
             f"model must be a flax_transformer Transformer, got {type(model).__name__}"
@@ -40,12 +41,21 @@ def check_max_len(model: Transformer, max_len) -> int:
 
 
 def check_positive_int(value, name: str, fix: str) -> int:
+    """`value` as an int; ValueError (ending in `fix`) unless an integer >= 1."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}; {fix}")
     return int(value)
 
 
+def check_bool(value, name: str) -> bool:
+    """`value` as a bool; ValueError for anything but True/False (e.g. "no", None, 1)."""
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_real(value, name: str) -> float:
+    """`value` as a float; ValueError unless a finite real number."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)

@@ -18,6 +18,7 @@ from ..kernels import padding_mask
 from ..nn import BOS_ID, EOS_ID, PAD_ID
 from .common import (
     NEG_INF,
+    check_bool,
     check_max_len,
     check_model,
     check_positive_int,
@@ -31,12 +32,38 @@ from .common import (
 )
 
 
+def check_sampling(temperature, top_k, top_p) -> tuple[float, int | None, float | None]:
+    """(temperature > 0, top_k >= 1 or None, top_p in (0, 1] or None), checked on the host;
+    ValueError naming the argument otherwise."""
+    temperature = check_real(temperature, "temperature")
+    if temperature <= 0:
+        raise ValueError(
+            f"temperature must be > 0, got {temperature}; use greedy_decode (or top_k=1) for "
+            "the temperature -> 0 limit"
+        )
+    if top_k is not None:
+        top_k = check_positive_int(top_k, "top_k", "pass None to sample from the whole vocabulary")
+    if top_p is not None:
+        top_p = check_real(top_p, "top_p")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}; pass None for no nucleus")
+    return temperature, top_k, top_p
+
+
 def filter_logits(logits: jax.Array, *, temperature, top_k: int | None = None,
                   top_p=None) -> jax.Array:
-    """Scale logits [..., V] by 1/temperature, then keep only the `top_k` largest and the
-    smallest set of largest whose probability mass reaches `top_p` (nucleus); the rest -> -inf.
-    Ties at a cut-off are kept. The most likely token always survives."""
-    logits = logits / temperature
+    """(logits - their max) / temperature for logits [..., V] (the distribution of
+    logits / temperature, finite for any temperature > 0), then keep only the `top_k` largest
+    and the smallest set of largest whose probability mass reaches `top_p` (nucleus); the
+    rest -> -inf. Ties at a cut-off are kept. The most likely token always survives. Concrete
+    arguments are checked (`check_sampling`); traced `temperature`/`top_p` are the caller's."""
+    if not any(isinstance(x, jax.core.Tracer) for x in (temperature, top_p)):
+        temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
+    elif top_k is not None:
+        top_k = check_positive_int(top_k, "top_k", "pass None to sample from the whole vocabulary")
+    # Shifted so that the largest logit is 0: a tiny temperature then sends the others to
+    # -inf instead of every logit to +-inf (the distribution is unchanged).
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth_largest, NEG_INF, logits)
@@ -120,10 +147,13 @@ def _as_key(rng) -> jax.Array:
 
 def _run(model, src_tokens, *, max_len, use_cache, sampling, rng, temperature, top_k, top_p,
          ignore_eos, return_logits):
+    use_cache, ignore_eos, return_logits = (
+        check_bool(use_cache, "use_cache"), check_bool(ignore_eos, "ignore_eos"),
+        check_bool(return_logits, "return_logits"))
     src = prepare_source(model, src_tokens)
     graphdef, state = split_model(model)
-    fn = _compiled_search(graphdef, max_len, bool(use_cache), sampling, top_k,
-                          top_p is not None, bool(return_logits))
+    fn = _compiled_search(graphdef, max_len, use_cache, sampling, top_k,
+                          top_p is not None, return_logits)
     tokens, logits = fn(state, src, rng, jnp.float32(temperature),
                         jnp.float32(1.0 if top_p is None else top_p), jnp.bool_(ignore_eos))
     tokens = trim(np.asarray(tokens))
@@ -167,18 +197,7 @@ def sample_decode(model, src_tokens, *, rng, max_len: int, temperature: float = 
     """
     check_model(model)
     max_len = check_max_len(model, max_len)
-    temperature = check_real(temperature, "temperature")
-    if temperature <= 0:
-        raise ValueError(
-            f"temperature must be > 0, got {temperature}; use greedy_decode (or top_k=1) for "
-            "the temperature -> 0 limit"
-        )
-    if top_k is not None:
-        top_k = check_positive_int(top_k, "top_k", "pass None to sample from the whole vocabulary")
-    if top_p is not None:
-        top_p = check_real(top_p, "top_p")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}; pass None for no nucleus")
+    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     return _run(model, src_tokens, max_len=max_len, use_cache=use_cache, sampling=True,
                 rng=_as_key(rng), temperature=temperature, top_k=top_k, top_p=top_p,
                 ignore_eos=ignore_eos, return_logits=return_logits)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from .dense import dense_attention
-from .masks import causal_mask, check_causal_lengths, check_mask, combine_masks
+from .masks import causal_mask, check_causal_lengths, check_floating, check_mask, combine_masks
 
 IMPLEMENTATIONS = ("vmap", "xla", "dense", "blockwise")
 
@@ -121,7 +121,9 @@ def _vmap_heads(q, k, v, mask, dropout_rate, dropout_rng):
 
 def _xla(q, k, v, mask, causal):
     """`jax.nn.dot_product_attention`, with fully masked query rows set to zero."""
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+    common = jnp.result_type(q, k, v)  # jax.nn wants one dtype; the other paths promote
+    out = jax.nn.dot_product_attention(q.astype(common), k.astype(common), v.astype(common),
+                                       mask=mask, is_causal=causal).astype(q.dtype)
     if mask is None:
         return out  # causal alone never masks a whole row (query i always sees key 0)
     full = combine_masks(mask, causal_mask(q.shape[1], k.shape[1]) if causal else None)
@@ -131,6 +133,7 @@ def _xla(q, k, v, mask, causal):
 
 def check_cache_inputs(q, key_cache, value_cache, mask) -> None:
     """Host-side validation of `cached_attention` arguments (static shapes only)."""
+    check_floating(q=q, key_cache=key_cache, value_cache=value_cache)
     if q.ndim != 4 or key_cache.ndim != 3 or value_cache.ndim != 3:
         raise ValueError(
             f"cached_attention needs q [B, Tq, H, Dk], key_cache [B*H, Dk, Tk] and value_cache "
@@ -177,6 +180,7 @@ def check_single_head_inputs(q, k, v, mask, dropout_rate, dropout_rng) -> None:
                 f"{name} must be [length, head_dim] (one head), got {x.shape}; "
                 "use multi_head_attention for [batch, length, heads, head_dim]"
             )
+    check_floating(q=q, k=k, v=v)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k head_dim differ: q {q.shape}, k {k.shape}")
     if k.shape[0] != v.shape[0]:
@@ -196,6 +200,7 @@ def check_attention_inputs(q, k, v, mask, implementation, dropout_rate, dropout_
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"{name} must be [batch, length, heads, head_dim], got {x.shape}")
+    check_floating(q=q, k=k, v=v)
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
     if not (q.shape[2] == k.shape[2] == v.shape[2]):
@@ -243,6 +248,8 @@ def multi_head_attention(
                   an int b (tiles of b queries x b/2 keys) or a (query, key) pair.
     """
     check_attention_inputs(q, k, v, mask, implementation, dropout_rate, dropout_rng, causal)
+    if q.shape[1] == 0 or k.shape[1] == 0:  # no queries, or no keys to attend: zeros
+        return jnp.zeros((*q.shape[:3], v.shape[3]), q.dtype)
     if implementation == "xla":
         if causal and q.shape[1] != k.shape[1]:
             # jax.nn aligns the causal mask top-left; ours aligns it to the end (decoding).

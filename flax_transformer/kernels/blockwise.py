@@ -38,9 +38,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from .masks import check_causal_lengths, check_mask
+from .masks import check_causal_lengths, check_floating, check_mask
 
 
 def _block_len(length: int, block_size: int) -> int:
@@ -255,15 +256,27 @@ def blockwise_attention(q, k, v, mask=None, *, causal: bool = False,
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [batch, length, heads, head_dim], got "
                          f"{q.shape}, {k.shape}, {v.shape}")
-    if isinstance(block_size, int):
-        block_size = (block_size, max(block_size // 2, 1))
-    block_size = tuple(int(b) for b in block_size)
-    if len(block_size) != 2 or min(block_size) < 1:
-        raise ValueError(f"block_size must be an int >= 1 or a pair of them, got {block_size}")
+    block_size = _block_sizes(block_size)
+    check_floating(q=q, k=k, v=v)
     if mask is not None:
         mask = jnp.asarray(mask)
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
         check_mask(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
     if causal:
         check_causal_lengths(q.shape[1], k.shape[1])
+    if q.shape[1] == 0 or k.shape[1] == 0:  # no queries, or no keys to attend: zeros
+        return jnp.zeros((*q.shape[:3], v.shape[3]), q.dtype)
     return _attention(q, k, v, mask, bool(causal), block_size)
+
+
+def _block_sizes(block_size) -> tuple[int, int]:
+    """(query block, key block) from an int b -> (b, max(b // 2, 1)) or a pair of ints."""
+    def is_int(b):
+        return isinstance(b, (int, np.integer)) and not isinstance(b, (bool, np.bool_))
+
+    pair = (block_size, max(block_size // 2, 1)) if is_int(block_size) else block_size
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(map(is_int, pair))
+            or min(pair) < 1):
+        raise ValueError(f"block_size must be an int >= 1 or a pair (query, key) of them, got "
+                         f"{block_size!r}")
+    return int(pair[0]), int(pair[1])

@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _float(logits):
@@ -77,6 +78,16 @@ def softmax_cross_entropy(
             f"logits {logits.shape} and targets {targets.shape} disagree: logits must be "
             "[..., vocab] for targets [...]"
         )
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if (isinstance(label_smoothing, (bool, np.bool_))
+            or not isinstance(label_smoothing, (int, float, np.integer, np.floating))
+            or not 0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing must be a number in [0, 1) (a Python float: it is "
+                         f"static), got {label_smoothing!r}")
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(f"targets must be integer ids, got dtype {targets.dtype}")
+    if not isinstance(targets, jax.core.Tracer) and targets.size:
+        low, high = int(np.min(targets)), int(np.max(targets))  # concrete: checked on the host
+        if low < 0 or high >= logits.shape[-1]:
+            raise ValueError(f"target ids must be in [0, {logits.shape[-1]}) (the vocabulary "
+                             f"of the logits), got ids from {low} to {high}")
     return _loss_and_stats(logits, targets.astype(jnp.int32), float(label_smoothing))

@@ -19,6 +19,9 @@ ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
 
 def get_activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
     """The activation function called `name`; ValueError listing the choices otherwise."""
+    if not isinstance(name, str):
+        raise ValueError(f"activation must be a name, one of {sorted(ACTIVATIONS)}; got "
+                         f"{name!r}")
     try:
         return ACTIVATIONS[name]
     except KeyError:

@@ -17,6 +17,9 @@ def causal_mask(length: int, key_length: int | None = None) -> jnp.ndarray:
     sequence (as when decoding with a cache), so query i attends to keys j <= i + Tk - T.
     """
     key_length = length if key_length is None else key_length
+    for name, value in (("length", length), ("key_length", key_length)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"causal_mask: {name} must be an int, got {value!r}")
     if length < 1 or key_length < length:
         raise ValueError(
             f"causal_mask: need 1 <= length <= key_length, got length={length}, "
@@ -30,6 +33,7 @@ def causal_mask(length: int, key_length: int | None = None) -> jnp.ndarray:
 
 def padding_mask(tokens: jnp.ndarray, pad_id: int = 0) -> jnp.ndarray:
     """Key padding mask `[B, 1, 1, T]` from token ids `[B, T]`: True where `tokens != pad_id`."""
+    tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"padding_mask: tokens must be [batch, length], got shape {tokens.shape}")
     return (tokens != pad_id)[:, None, None, :]
@@ -48,6 +52,9 @@ def combine_masks(*masks: jnp.ndarray | None) -> jnp.ndarray | None:
 
 def check_mask(mask, target: tuple[int, ...]) -> None:
     """Raise ValueError unless `mask` is boolean and its shape broadcasts to `target`."""
+    if not hasattr(mask, "dtype") or not hasattr(mask, "shape"):
+        raise ValueError(f"mask must be a boolean array (True = may attend), got "
+                         f"{type(mask).__name__}; pass jnp.asarray(mask, bool)")
     if mask.dtype != bool:
         raise ValueError(
             f"mask must be boolean (True = may attend), got dtype {mask.dtype}; "
@@ -86,3 +93,11 @@ def check_causal_lengths(query_length: int, key_length: int) -> None:
             f"the keys), got query length {query_length} and key length {key_length}; "
             "pass causal=False (e.g. for cross-attention) or give at least as many keys"
         )
+
+
+def check_floating(**arrays) -> None:
+    """ValueError naming the first of `arrays` whose dtype is not floating point."""
+    for name, x in arrays.items():
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}; cast "
+                             f"it, e.g. {name}.astype(jnp.float32)")

@@ -95,7 +95,7 @@ def project(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None = None) -> jnp
     whatever b's (a float32 bias is added before the one rounding to bf16, and its gradient
     is float32).
     """
-    if x.shape[-1] != w.shape[0]:
+    if x.ndim < 1 or w.ndim < 1 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"project: x {x.shape} and w {w.shape} do not chain (last axis of x "
                          "must equal the first axis of w)")
     if b is not None and tuple(b.shape) != tuple(w.shape[1:]):
@@ -122,7 +122,7 @@ def unembed(x: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
     transposed table a column-major layout and runs the forward and input-gradient matmuls
     upcast to float32 (RESULTS.md); here each matmul reads the table row-major.
     """
-    if x.shape[-1] != table.shape[-1] or table.ndim != 2:
+    if x.ndim < 1 or table.ndim != 2 or x.shape[-1] != table.shape[-1]:
         raise ValueError(f"unembed: x {x.shape} and table {table.shape} do not fit (need x "
                          "[..., D] and table [V, D])")
     dtype = jnp.result_type(x, table)

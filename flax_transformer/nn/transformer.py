@@ -13,6 +13,7 @@ from flax import nnx
 
 from ..config import TransformerConfig
 from ..kernels import padding_mask, project, sinusoidal_positions, unembed
+from ..kernels.masks import check_mask
 from .layers import Decoder, DecoderLayerCache, Dropout, Encoder
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -172,6 +173,7 @@ class Transformer(nnx.Module):
         if src_mask.shape[0] != memory.shape[0]:
             raise ValueError(f"src_mask has batch {src_mask.shape[0]} but memory has "
                              f"{memory.shape[0]}; pass padding_mask(src) of the encoded src")
+        check_mask(src_mask, (memory.shape[0], 1, 1, memory.shape[1]))
         return DecodeCache(self.decoder.init_cache(memory, int(max_len), int(beams)), src_mask)
 
     def decode_step(self, token: jnp.ndarray, position,
@@ -191,7 +193,17 @@ class Transformer(nnx.Module):
         if token.shape[0] != rows:
             raise ValueError(f"token has batch {token.shape[0]} but the cache was built for "
                              f"{rows} rows; pass one token per cached row")
-        if isinstance(position, int | np.integer) and not 0 <= position < slots:
+        if not hasattr(position, "dtype") and not isinstance(position, int | np.integer):
+            raise ValueError(f"position must be an integer (the target position), got "
+                             f"{position!r}")
+        if isinstance(position, bool) or not jnp.issubdtype(jnp.asarray(position).dtype,
+                                                            jnp.integer):
+            raise ValueError(f"position must be an integer, got {position!r}")
+        if jnp.ndim(position) != 0:
+            raise ValueError(f"position must be a scalar, got shape {jnp.shape(position)}")
+        if not isinstance(position, jax.core.Tracer):
+            position = int(position)  # concrete (a Python int or an array): checked here
+        if isinstance(position, int) and not 0 <= position < slots:
             raise ValueError(f"position {position} is outside the cache's {slots} target "
                              f"positions (0 to {slots - 1}); build the cache with "
                              "init_cache(..., max_len) large enough")

@@ -8,9 +8,11 @@ mask. Run presets (`RUN_PRESETS`) pair a model preset with training settings for
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from ..config import ConfigMethods, TransformerConfig, as_bool, as_finite_float, option
+from ..data import available_tasks
 from ..data.translate import CORPORA
 
 OPTIMIZERS = ("adam", "adamw")
@@ -126,8 +128,16 @@ class TrainingConfig(ConfigMethods):
             raise ValueError(f"init_from must be a run's work directory, got {self.init_from!r}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples must be >= 1 (or unset), got {self.max_examples}")
-        if not self.task or not isinstance(self.task, str):
-            raise ValueError(f"task must be a task name such as 'g2p', got {self.task!r}")
+        if self.task not in available_tasks():
+            raise ValueError(f"task={self.task!r} is not known; choose one of "
+                             f"{available_tasks()}")
+        for name in ("train_file", "valid_file", "test_file", "data_dir"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+                object.__setattr__(self, name, value)  # frozen: stored as a plain str
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name} must be a path (or unset), got {value!r}")
         choices = {"optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES, "decode": DECODERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

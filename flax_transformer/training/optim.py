@@ -21,6 +21,9 @@ def noam_schedule(d_model: int, warmup_steps: int, scale: float = 1.0) -> Schedu
     """The paper's lr = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)."""
     if warmup_steps < 1:
         raise ValueError(f"warmup_steps must be >= 1 for the noam schedule, got {warmup_steps}")
+    if not d_model >= 1 or not scale > 0:
+        raise ValueError(f"noam schedule: need d_model >= 1 and scale > 0, got d_model="
+                         f"{d_model!r}, scale={scale!r}")
 
     def schedule(count):
         step = jnp.asarray(count, jnp.float32) + 1.0

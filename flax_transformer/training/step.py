@@ -60,6 +60,24 @@ def check_batch(batch: Batch, config: TransformerConfig) -> None:
                          f"{tgt_out}; tgt_in and tgt_out are [B, T] and src is [B, S]")
 
 
+def check_label_smoothing(label_smoothing: Any) -> float:
+    """`label_smoothing` as a float; ValueError unless a number in [0, 1)."""
+    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
+            or not 0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
+def _checked(step: Callable, config: TransformerConfig) -> Callable:
+    """`step(first, batch)` with `check_batch` on the host first."""
+
+    def checked_step(first, batch: Batch):
+        check_batch(batch, config)
+        return step(first, batch)
+
+    return checked_step
+
+
 def _forward_stats(model, batch: Batch, label_smoothing: float) -> dict[str, jnp.ndarray]:
     logits = model(batch["src"], batch["tgt_in"])
     return cross_entropy_stats(logits, batch["tgt_out"], label_smoothing=label_smoothing)
@@ -93,6 +111,7 @@ def make_train_step(
     the results are bitwise identical, and `train_step.lower(state, batch)` lowers the step for
     inspection (`.compile().as_text()` is its HLO).
     """
+    label_smoothing = check_label_smoothing(label_smoothing)
 
     def loss_fn(params, batch, dropout_key):
         rest = jax.tree.map(jnp.asarray, parts.rest)  # fresh Variables owned by this trace
@@ -110,16 +129,12 @@ def make_train_step(
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     if not jit:
-        return train_step
+        return _checked(train_step, parts.config)
     if donate_params is None:
         donate_params = jax.default_backend() != "cpu"
     if donate_params:
         donating = jax.jit(train_step, donate_argnums=0)
-
-        def checked_train_step(state: TrainState, batch: Batch):
-            check_batch(batch, parts.config)
-            return donating(state, batch)
-
+        checked_train_step = _checked(donating, parts.config)
         checked_train_step.lower = donating.lower
         return checked_train_step
 
@@ -152,20 +167,13 @@ def make_eval_step(
     parts: ModelParts, *, label_smoothing: float = 0.1, jit: bool = True
 ) -> Callable[[Any, Batch], dict[str, jnp.ndarray]]:
     """`eval_step(params, batch) -> summed statistics` with dropout off (nothing donated)."""
+    label_smoothing = check_label_smoothing(label_smoothing)
 
     def eval_step(params, batch: Batch):
         model = nnx.merge(parts.eval_graphdef, params, parts.rest)
         return _forward_stats(model, batch, label_smoothing)
 
-    if not jit:
-        return eval_step
-    compiled = jax.jit(eval_step)
-
-    def checked_eval_step(params, batch: Batch):
-        check_batch(batch, parts.config)
-        return compiled(params, batch)
-
-    return checked_eval_step
+    return _checked(jax.jit(eval_step) if jit else eval_step, parts.config)
 
 
 def sum_metrics(metrics: list[dict[str, Any]]) -> dict[str, float]:
