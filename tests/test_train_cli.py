@@ -251,6 +251,24 @@ def test_init_from_takes_the_other_runs_model_and_settings(capsys, tmp_path):
                              "--workdir", str(tmp_path / "wide")], "d_model 32 there vs 64")
     _one_error_line(capsys, ["--init-from", str(tmp_path / "none"), "--workdir", str(tuned)],
                     "no config.json")
+    # --task (the same task) keeps the source run's training settings; only --preset resets.
+    assert train_cli.main(["--init-from", str(source), "--task", "copy", "--steps", "2",
+                           "--no-progress", "--workdir", str(tmp_path / "same-task")]) == 0
+    config = json.loads((tmp_path / "same-task" / "config.json").read_text())
+    assert config["training"]["seed"] == 3 and config["training"]["batch_size"] == 8
+    # Reading a run takes its saved settings: flags that would not apply are refused.
+    _one_error_line(capsys, ["--evaluate", "--workdir", str(source), "--d-model", "64"],
+                    "--d-model: not used by --evaluate/--predict")
+    _one_error_line(capsys, ["--predict", "a", "--workdir", str(source), "--seed", "1",
+                             "--steps", "9"], "--seed, --steps: not used by --evaluate/--predict")
+
+
+def test_default_workdir_follows_the_run_preset_then_the_task():
+    assert train_cli.default_workdir(None, None) == "runs/g2p"
+    assert train_cli.default_workdir("trans-de-en", None) == "runs/trans-de-en"
+    assert train_cli.default_workdir("g2p-long", "g2p") == "runs/g2p-long"
+    assert train_cli.default_workdir(None, "copy") == "runs/copy"
+    assert train_cli.default_workdir("tiny", "reverse") == "runs/reverse"
 
 
 def test_evaluate_with_nothing_to_score_says_so(capsys, tmp_path):
