@@ -26,6 +26,7 @@ class FeedForward(nnx.Module):
         self.b2 = nnx.Param(jnp.zeros((d,), pdt))
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x: [..., D] -> [..., D]: act(x W1 + b1) W2 + b2 in the compute dtype."""
         # biases stay in their dtype: `project` adds them before its one rounding
         cast = lambda p: p[...].astype(self.dtype)  # noqa: E731
         return feed_forward(x.astype(self.dtype), cast(self.w1), self.b1[...], cast(self.w2),

@@ -87,6 +87,7 @@ class Transformer(nnx.Module):
 
     @property
     def target_embedding(self) -> nnx.Embed:
+        """The target-side embedding table (the source one when `share_embeddings`)."""
         return self.src_embed if self.tgt_embed is None else self.tgt_embed
 
     def embed(self, tokens: jnp.ndarray, table: nnx.Embed, offset: int = 0) -> jnp.ndarray:

@@ -65,9 +65,11 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(directory, options=options)
 
     def latest_step(self) -> int | None:
+        """The step of the newest checkpoint on disk, None if there is none."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """The steps of every checkpoint on disk, oldest first."""
         return list(self.manager.all_steps())
 
     def save(self, state: TrainState, *, force: bool = True) -> int:
@@ -150,10 +152,12 @@ class Checkpointer:
         return TrainState(*restored) if not isinstance(restored, TrainState) else restored
 
     def close(self) -> None:
+        """Wait for pending writes and release the checkpoint manager."""
         self.manager.close()
 
 
 def check_average_count(count) -> int:
+    """`count` (checkpoints to average); ValueError unless a positive int."""
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise ValueError(f"average_checkpoints must be a positive integer, got {count!r}")
     return count
@@ -207,4 +211,5 @@ def load_run_config(workdir: str | Path) -> tuple[TransformerConfig, TrainingCon
 
 
 def tokenizer_dir(workdir: str | Path) -> Path:
+    """Where a run keeps its task's vocabularies: workdir/tokenizer."""
     return Path(workdir) / TOKENIZER_DIR

@@ -76,6 +76,7 @@ class MetricsWriter:
         return record
 
     def close(self) -> None:
+        """Flush and close the JSONL file and the TensorBoard writer."""
         self._file.close()
         if self._tb is not None:
             self._tb.close()

@@ -88,4 +88,5 @@ def abstract_train_state(state: TrainState) -> TrainState:
 
 
 def count_params(params) -> int:
+    """Number of scalars in the parameter tree."""
     return int(sum(leaf.size for leaf in jax.tree.leaves(params)))
