@@ -171,7 +171,7 @@ class TransformerConfig(ConfigMethods):
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
         """A named configuration, `"tiny"`, `"small"`, `"base"` or `"big"`, with overrides."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"preset {name!r} is not known; choose one of {sorted(PRESETS)}")
         return cls().replace(**{**PRESETS[name], **overrides})
 
@@ -189,3 +189,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "big": dict(d_model=1024, num_heads=16, d_ff=4096, num_encoder_layers=6,
                 num_decoder_layers=6, dropout_rate=0.3),
 }
+
+
+def check_config(config: Any) -> TransformerConfig:
+    """`config`, or a ValueError unless it is a `TransformerConfig` (e.g. a plain dict)."""
+    if not isinstance(config, TransformerConfig):
+        raise ValueError(f"config must be a TransformerConfig, got {type(config).__name__}; "
+                         "build one with TransformerConfig(...) or TransformerConfig.preset(name)"
+                         + (" (a dict: TransformerConfig.from_dict(d))"
+                            if isinstance(config, dict) else ""))
+    return config

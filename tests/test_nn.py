@@ -262,3 +262,18 @@ def test_model_runs_under_jit_with_split_state(rng):
         return nnx.merge(graphdef, state)(src, tgt)
 
     np.testing.assert_allclose(forward(state, src, tgt), model(src, tgt), rtol=1e-5, atol=1e-6)
+
+
+def test_modules_refuse_a_config_that_is_not_one_and_attention_names_bad_inputs():
+    config = TransformerConfig.preset("tiny")
+    for module in (Transformer, Encoder, Decoder, EncoderLayer, DecoderLayer,
+                   MultiHeadAttention, FeedForward):
+        with pytest.raises(ValueError, match="config must be a TransformerConfig"):
+            module(config.to_dict(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="preset"):
+        TransformerConfig.preset(["tiny"])
+    attention = MultiHeadAttention(config, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"x must be \[batch, length, d_model=32\]"):
+        attention(jnp.ones((4, 32)))
+    with pytest.raises(ValueError, match=r"context must be \[batch, length, d_model=32\]"):
+        attention(jnp.ones((1, 4, 32)), jnp.ones((1, 4, 16)))

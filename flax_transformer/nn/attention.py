@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..config import TransformerConfig
+from ..config import TransformerConfig, check_config
 from ..kernels import cache_layout, cached_attention, multi_head_attention, project
 
 
@@ -42,6 +42,7 @@ class MultiHeadAttention(nnx.Module):
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        check_config(config)
         d, pdt = config.d_model, jnp.dtype(config.param_dtype)
         self.num_heads = config.num_heads
         self.dtype = jnp.dtype(config.dtype)
@@ -111,6 +112,11 @@ class MultiHeadAttention(nnx.Module):
     ) -> jnp.ndarray:
         """x: [B, Tq, D] queries; context: [B, Tk, D] source of keys and values (None:
         self-attention on x); mask: bool broadcastable to [B, H, Tq, Tk]  ->  [B, Tq, D]"""
+        d_model = self.query_kernel.shape[0]
+        for name, array in (("x", x), ("context", context)):
+            if array is not None and (array.ndim != 3 or array.shape[-1] != d_model):
+                raise ValueError(f"{name} must be [batch, length, d_model={d_model}], got shape "
+                                 f"{array.shape}")
         if context is None:
             q, k, v = self.query_key_value(x)
         else:

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from flax import nnx
 
-from ..config import TransformerConfig
+from ..config import TransformerConfig, check_config
 from ..kernels import dropout, feed_forward, layer_norm
 from .attention import KVCache, MultiHeadAttention, glorot
 
@@ -17,6 +17,7 @@ class FeedForward(nnx.Module):
     """FFN(x) = act(x W1 + b1) W2 + b2, applied to each position: [B, T, D] -> [B, T, D]"""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        check_config(config)
         d, f, pdt = config.d_model, config.d_ff, jnp.dtype(config.param_dtype)
         self.activation = config.activation
         self.dtype = jnp.dtype(config.dtype)
@@ -60,6 +61,7 @@ class AddNorm(nnx.Module):
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        check_config(config)
         self.pre_norm = config.norm == "pre"
         self.norm = LayerNorm(config, rngs=rngs)
         self.dropout = Dropout(config.dropout_rate, rngs=rngs)
@@ -89,6 +91,7 @@ class EncoderLayer(nnx.Module):
     """Multi-head self-attention, then the feed-forward network, each followed by Add&Norm."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        check_config(config)
         self.self_attention = MultiHeadAttention(config, rngs=rngs)
         self.add_norm_1 = AddNorm(config, rngs=rngs)
         self.feed_forward = FeedForward(config, rngs=rngs)
@@ -116,6 +119,7 @@ class DecoderLayer(nnx.Module):
     """Masked self-attention, encoder-decoder attention, feed-forward; each then Add&Norm."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        check_config(config)
         self.self_attention = MultiHeadAttention(config, rngs=rngs)
         self.add_norm_1 = AddNorm(config, rngs=rngs)
         self.cross_attention = MultiHeadAttention(config, rngs=rngs)
@@ -171,6 +175,7 @@ class Encoder(nnx.Module):
     """N identical encoder layers (plus a final LayerNorm with pre-norm)."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        check_config(config)
         self.remat = config.remat
         self.layers = nnx.List(
             [EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)]
@@ -193,6 +198,7 @@ class Decoder(nnx.Module):
     """N identical decoder layers (plus a final LayerNorm with pre-norm)."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        check_config(config)
         self.remat = config.remat
         self.layers = nnx.List(
             [DecoderLayer(config, rngs=rngs) for _ in range(config.num_decoder_layers)]

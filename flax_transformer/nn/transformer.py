@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..config import TransformerConfig
+from ..config import TransformerConfig, check_config
 from ..kernels import padding_mask, project, sinusoidal_positions, unembed
 from ..kernels.masks import check_mask
 from .layers import Decoder, DecoderLayerCache, Dropout, Encoder
@@ -68,6 +68,7 @@ class Transformer(nnx.Module):
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        check_config(config)
         self.config = config
         d, pdt = config.d_model, jnp.dtype(config.param_dtype)
         self.dtype = jnp.dtype(config.dtype)
