@@ -153,7 +153,8 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
     from flax_transformer.data import available_tasks
     from flax_transformer.training.checkpoint import load_run_config
     from flax_transformer.training.config import resolve_preset
-    from flax_transformer.training.loop import evaluate_run, predict, train
+    from flax_transformer.training.loop import train
+    from flax_transformer.training.runs import evaluate_run, predict
 
     given = vars(args)
     training_overrides = {k: given[k] for k in training_fields if k in given}

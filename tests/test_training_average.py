@@ -11,7 +11,8 @@ from flax_transformer.training import TrainingConfig
 from flax_transformer.training import evaluate as evaluation
 from flax_transformer.training import loop as loop_module
 from flax_transformer.training.checkpoint import Checkpointer, mean_params
-from flax_transformer.training.loop import evaluate_run, latest_state, train
+from flax_transformer.training.loop import train
+from flax_transformer.training.runs import evaluate_run, latest_state
 from flax_transformer.training.state import TrainState
 
 MODEL = TransformerConfig.preset("tiny", d_model=32, d_ff=64, max_len=32)

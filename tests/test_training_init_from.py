@@ -10,7 +10,8 @@ from flax_transformer import TransformerConfig
 from flax_transformer.data import load_task
 from flax_transformer.training import TrainingConfig, init_model
 from flax_transformer.training.checkpoint import NoCheckpointError
-from flax_transformer.training.loop import latest_state, pretrained_params, train
+from flax_transformer.training.loop import train
+from flax_transformer.training.runs import latest_state, pretrained_params
 
 MODEL = TransformerConfig.preset("tiny", d_model=32, d_ff=64, max_len=32)
 

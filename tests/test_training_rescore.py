@@ -11,8 +11,9 @@ from flax_transformer.data.vocab import strip_special
 from flax_transformer.decoding import beam_search, gnmt_length_penalty, sequence_log_probs
 from flax_transformer.training import TrainingConfig
 from flax_transformer.training.evaluate import EvalSet, decode_examples, decode_len
-from flax_transformer.training.loop import evaluate_run, train
+from flax_transformer.training.loop import train
 from flax_transformer.training.rescore import Scorer, check_same_tokenizers, rescored_predictions
+from flax_transformer.training.runs import evaluate_run
 
 CONFIG = TransformerConfig.preset("tiny", d_model=16, num_heads=2, d_ff=32,
                                   num_encoder_layers=1, num_decoder_layers=1, max_len=24)
