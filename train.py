@@ -39,6 +39,9 @@ from flax_transformer.training.config import RUN_PRESETS, TrainingConfig  # noqa
 
 # Model fields that come from the data, not from the command line.
 DERIVED_MODEL_FIELDS = ("src_vocab_size", "tgt_vocab_size")
+# Training fields that define what a run learns: --resume refuses to change them.
+RUN_DEFINING_FIELDS = ("task", "reverse_target", "train_file", "valid_file", "test_file",
+                       "corpus", "data_dir", "max_examples", "subword_vocab_size")
 # Training fields accepted when reading a finished run (--evaluate, --predict); "task" only
 # picks the default work directory, and "keep_checkpoints" changes nothing there (every kept
 # checkpoint may be averaged).
@@ -110,6 +113,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str,
 def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
     presets = ", ".join(f"{k} ({v.about})" for k, v in RUN_PRESETS.items())
     parser = OneLineParser(
+        allow_abbrev=False,  # --over is not --overwrite: a typo must not delete a run
         description="Train an encoder-decoder Transformer (Flax NNX + Optax) and report the "
                     "task metric on the test split.",
     )
@@ -162,6 +166,9 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
     task = training_overrides.get("task")
     if task is not None and task not in available_tasks():
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(available_tasks())}")
+    if args.workdir is not None and not args.workdir.strip():
+        raise ValueError("--workdir is blank; give a directory (or leave the flag out for "
+                         f"{default_workdir(args.preset, task)})")
     workdir = args.workdir or default_workdir(args.preset, task)
 
     if args.evaluate or args.predict is not None:
@@ -172,6 +179,15 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
             allowed = ", ".join("--" + name.replace("_", "-") for name in READING_FIELDS)
             raise ValueError(f"{flags}: not used by --evaluate/--predict, which read the run's "
                              f"saved settings; drop them (these apply: {allowed})")
+        if args.resume:
+            raise ValueError("--resume trains; --evaluate and --predict read a run: drop one")
+        if "keep_checkpoints" in training_overrides:
+            TrainingConfig(keep_checkpoints=training_overrides["keep_checkpoints"])  # a check
+        if task is not None:
+            saved_task = load_run_config(workdir)[1].task
+            if saved_task != task:
+                raise ValueError(f"the run in {workdir} learned task {saved_task!r}, not "
+                                 f"{task!r}; drop --task or point --workdir at a {task} run")
     decoding = {k: v for k, v in training_overrides.items()
                 if k not in ("task", "keep_checkpoints")}
     if args.rescore_with is not None and not args.evaluate:
@@ -212,6 +228,12 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
         if changed:
             raise ValueError(f"model setting(s) {changed} cannot change when resuming; drop "
                              "them or train in a new --workdir")
+        wanted = config.replace(**training_overrides).with_absolute_paths()
+        redefined = sorted(k for k in RUN_DEFINING_FIELDS if k in training_overrides
+                           and getattr(wanted, k) != getattr(config, k))
+        if redefined:
+            raise ValueError(f"setting(s) {redefined} define what the run learns and cannot "
+                             "change when resuming; drop them or train in a new --workdir")
         config = config.replace(**training_overrides)
     elif training_overrides.get("init_from") is not None:
         # Fine-tuning: the model is the other run's; so are the task and training settings
@@ -246,9 +268,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run(args, training_fields, model_fields)
-    except (ValueError, FileNotFoundError, MissingDependencyError) as err:
+    except (ValueError, OSError, MissingDependencyError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {message}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        print(f"error: out of memory ({str(err).strip().splitlines()[0][:200]}); lower "
+              "--batch-size, --eval-batch-size or the model size", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

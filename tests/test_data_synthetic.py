@@ -41,3 +41,24 @@ def test_rejects_files_and_bad_lengths(tmp_path):
         load_task("copy", train_file=tmp_path / "x.tsv")
     with pytest.raises(ValueError, match="min_len"):
         load_task("copy", min_len=5, max_len=2)
+
+
+def test_a_saved_task_file_never_imports_a_foreign_module(tmp_path):
+    import json
+
+    from flax_transformer.data import restore_task
+
+    task = load_task("copy", max_examples=8)
+    task.save_tokenizers(tmp_path)
+    meta_path = tmp_path / "task.json"
+    meta = json.loads(meta_path.read_text())
+    meta["class"] = "antigravity:Task"  # importing it would open a web browser
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="is not from flax_transformer or a module"):
+        restore_task(tmp_path)
+    meta_path.write_text("{bad")
+    with pytest.raises(ValueError, match=r"task.json: not a valid task file"):
+        restore_task(tmp_path)
+    meta_path.write_text("{}")
+    with pytest.raises(ValueError, match=r"missing class, name"):
+        restore_task(tmp_path)

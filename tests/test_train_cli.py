@@ -307,3 +307,33 @@ def test_help_explains_every_flag_and_lists_the_choices(capsys):
         train_cli.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "GNMT length penalty" in text and "(default: 0.6, or the preset's)" in text
+
+
+def test_a_run_is_read_and_resumed_as_it_was_defined(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert train_cli.main(SMALL + ["--steps", "2", "--workdir", str(run)]) == 0
+    capsys.readouterr()
+    _one_error_line(capsys, ["--resume", "--steps", "4", "--task", "reverse", "--workdir",
+                             str(run)], "['task'] define what the run learns")
+    _one_error_line(capsys, ["--resume", "--steps", "4", "--reverse-target", "--workdir",
+                             str(run)], "['reverse_target'] define what the run learns")
+    _one_error_line(capsys, ["--predict", "a", "--task", "reverse", "--workdir", str(run)],
+                    "learned task 'copy', not 'reverse'")
+    _one_error_line(capsys, ["--predict", "a", "--resume", "--workdir", str(run)],
+                    "--resume trains")
+    _one_error_line(capsys, ["--predict", "a", "--keep-checkpoints", "0", "--workdir",
+                             str(run)], "keep_checkpoints must be a positive integer")
+    assert train_cli.main(["--predict", "a", "--task", "copy", "--workdir", str(run)]) == 0
+
+
+def test_workdir_and_flag_typos_are_refused(capsys, tmp_path):
+    _one_error_line(capsys, SMALL + ["--workdir", " "], "--workdir is blank")
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    _one_error_line(capsys, SMALL + ["--workdir", str(a_file / "sub")], "afile")
+    _one_error_line(capsys, SMALL + ["--steps", str(2**31), "--workdir", str(tmp_path / "w")],
+                    "steps must be below 2**31")
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(SMALL + ["--over", "--workdir", str(tmp_path / "w")])  # no abbreviations
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --over" in capsys.readouterr().err

@@ -46,3 +46,9 @@ def test_a_run_evaluates_every_split_in_eval_buckets_shapes(tmp_path, monkeypatc
     assert {shape[1] for shape in shapes} == set(summary["eval_buckets"])
     assert len(summary["eval_buckets"]) == 2
     assert {shape[0] for shape in shapes} == {16}
+
+
+def test_eval_batches_are_never_padded_past_the_split():
+    split = [Example([5, 6, 2], [7, 2], ("x",)) for _ in range(3)]
+    padded = EvalSet(split, eval_bucket_lengths([split], 1, 64), 64, batch_size=1_000_000)
+    assert [arrays["src"].shape[0] for arrays, _ in padded.batches] == [3]

@@ -1,5 +1,6 @@
 """Learning the copy task, checkpoint round trips, and bitwise-identical resume."""
 
+import json
 import re
 
 import jax
@@ -295,3 +296,102 @@ def test_unjitted_steps_check_their_batches_and_label_smoothing_is_checked_up_fr
             make_train_step(parts, tx, label_smoothing=value)
         with pytest.raises(ValueError, match="label_smoothing must be a number in"):
             make_eval_step(parts, label_smoothing=value)
+
+
+def test_ctrl_c_inside_a_step_saves_that_step(tmp_path, monkeypatch):
+    """SIGINT while a step runs (its donated inputs already consumed) used to leave nothing
+    to save; now the loop stops after the step and saves it."""
+    import signal
+
+    n = 3
+    original = loop.make_train_step
+
+    def make_interrupted_step(*args, **kwargs):
+        step = original(*args, **kwargs)
+
+        def interrupted(state, batch):
+            number = int(state.step)
+            new = step(state, batch)  # `state` is donated: gone from here on
+            if number == n - 1:
+                signal.raise_signal(signal.SIGINT)  # arrives while the step is in flight
+            return new
+
+        return interrupted
+
+    monkeypatch.setattr(loop, "make_train_step", make_interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        _resume_run(tmp_path / "run", 3 * n)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    checkpointer = Checkpointer(tmp_path / "run", create=False)
+    assert checkpointer.all_steps() == [n]
+    checkpointer.close()
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    import signal
+
+    interrupts = loop._DeferredInterrupt()
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert interrupts.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        interrupts.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_failing_validation_loses_no_training(tmp_path, monkeypatch):
+    def failing(*args, **kwargs):
+        raise RuntimeError("validation failed")
+
+    monkeypatch.setattr(loop, "evaluate", failing)
+    model = TransformerConfig.preset("tiny", max_len=32)
+    config = TrainingConfig(task="copy", steps=8, batch_size=8, max_examples=40, num_buckets=1,
+                            eval_every=4, checkpoint_every=4, eval_examples=8)
+    with pytest.raises(RuntimeError, match="validation failed"):
+        train(model, config, tmp_path, progress=False)
+    checkpointer = Checkpointer(tmp_path, create=False)
+    assert checkpointer.all_steps() == [4]  # saved before the validation that failed
+    checkpointer.close()
+
+
+def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(tmp_path):
+    run, source = tmp_path / "run", tmp_path / "source"
+    _resume_run(run, 2)
+    _resume_run(source, 2)
+    wide = TransformerConfig.preset("tiny", max_len=32, d_model=64)
+    config = TrainingConfig(task="copy", steps=2, max_examples=40, init_from=str(source))
+    with pytest.raises(ValueError, match="do not fit this model"):  # found after the data loads
+        train(wide, config, run, progress=False, overwrite=True)
+    checkpointer = Checkpointer(run, create=False)
+    assert checkpointer.all_steps() == [2]  # still there
+    checkpointer.close()
+
+
+def test_a_fresh_start_replaces_the_logs_of_one_that_saved_nothing(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"split": "train", "step": 250}\n')
+    _resume_run(tmp_path, 3)
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert 250 not in steps and steps[0] == 3
+
+
+def test_an_unreadable_checkpoint_is_moved_aside_when_its_step_is_saved_again(tmp_path):
+    _resume_run(tmp_path, 2)
+    model = TransformerConfig.preset("tiny", dropout_rate=0.1, max_len=32)
+    config = TrainingConfig(task="copy", steps=4, batch_size=8, max_examples=40,
+                            num_buckets=1, log_every=3, eval_every=1000, checkpoint_every=2,
+                            eval_examples=8, eval_batch_size=40, lr_schedule="noam",
+                            warmup_steps=4, seed=3)
+    train(model, config, tmp_path, resume=True, progress=False)  # checkpoints 2 and 4
+    for path in (tmp_path / "checkpoints" / "4").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"")  # damaged
+    summary = train(model, config.replace(steps=6), tmp_path, resume=True, progress=False)
+    assert summary["start_step"] == 2 and summary["steps"] == 6  # from the readable step 2
+    aside = [p.name for p in (tmp_path / "checkpoints").iterdir() if ".unreadable." in p.name]
+    assert len(aside) == 1 and aside[0].startswith("4.unreadable.")
+    checkpointer = Checkpointer(tmp_path, create=False, keep=5)
+    assert 4 in checkpointer.all_steps() and checkpointer.latest_step() == 6
+    checkpointer.close()

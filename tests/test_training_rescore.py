@@ -172,3 +172,14 @@ def test_decode_batch_bounds_an_ensemble_by_its_shortest_max_len():
     assert tokens.shape[1] <= 24
     with pytest.raises(ValueError, match="an ensemble decodes with beam search"):
         decode_batch([long, short], src, config.replace(decode="greedy"))
+
+
+def test_partners_must_have_learned_the_same_task(tmp_path):
+    model = TransformerConfig.preset("tiny", max_len=24)
+    for task in ("copy", "reverse"):  # the same vocabulary, different tasks
+        config = TrainingConfig(task=task, steps=1, batch_size=8, max_examples=16,
+                                num_buckets=1, eval_examples=4, decode="beam", beam_size=2)
+        train(model, config, tmp_path / task, progress=False)
+    for option in ("ensemble_with", "rescore_with"):
+        with pytest.raises(ValueError, match="learned task 'reverse', the decoding run 'copy'"):
+            evaluate_run(tmp_path / "copy", **{option: [tmp_path / "reverse"]})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,10 +151,16 @@ def restore_task(directory: str | Path) -> Task:
     """A task with the saved tokenizers and metric but empty splits (for prediction)."""
     directory = Path(directory)
     meta = _read_meta(directory)
-    module_name, _, class_name = meta["class"].partition(":")
+    module_name, _, class_name = str(meta.get("class", "")).partition(":")
+    # Only this library's modules, or one the program has imported (a user's own task), are
+    # looked in: a work directory's file never makes Python import anything else.
+    if module_name.split(".")[0] != __name__.split(".")[0] and module_name not in sys.modules:
+        raise ValueError(f"{directory / TASK_FILE}: task class {meta.get('class')!r} is not "
+                         "from flax_transformer or a module this program imported; import "
+                         "the module that defines it first")
     cls = getattr(importlib.import_module(module_name), class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
-        raise TypeError(f"{directory / TASK_FILE}: {meta['class']!r} is not a Task class")
+        raise ValueError(f"{directory / TASK_FILE}: {meta.get('class')!r} is not a Task class")
     src, tgt = load_tokenizers(directory)
     return cls(
         name=meta["name"],
@@ -171,8 +178,18 @@ def restore_task(directory: str | Path) -> Task:
 def _read_meta(directory: Path) -> dict[str, Any]:
     path = directory / TASK_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {TASK_FILE} in {directory}; save it with Task.save_tokenizers")
-    return json.loads(path.read_text())
+        raise FileNotFoundError(f"no {TASK_FILE} in {directory}: the run's tokenizers are "
+                                "missing, so its outputs cannot be decoded (code that builds "
+                                "a Task saves them with Task.save_tokenizers)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a valid task file ({err})") from None
+    missing = [key for key in ("class", "name", "metric_name", "higher_is_better")
+               if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise ValueError(f"{path}: not a valid task file (missing {', '.join(missing)})")
+    return meta
 
 
 class MissingDependencyError(ImportError):

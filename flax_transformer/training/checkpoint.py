@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,13 @@ class Checkpointer:
     def save(self, state: TrainState, *, force: bool = True) -> int:
         """Writes `state` under its own step number; returns that step."""
         step = int(jax.device_get(state.step))
+        if step in self.all_steps():  # an unreadable checkpoint that `restore` skipped
+            damaged = self.workdir / CHECKPOINT_DIR / str(step)
+            aside = damaged.with_name(f"{step}.unreadable.{time.strftime('%Y%m%d-%H%M%S')}")
+            damaged.rename(aside)  # kept, not deleted: nothing on disk is thrown away
+            self.manager.reload()
+            print(f"warning: moved the unreadable checkpoint {damaged} to {aside.name} to "
+                  f"save step {step} again", file=sys.stderr)
         self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
         self.manager.wait_until_finished()
         return step

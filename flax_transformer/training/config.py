@@ -101,6 +101,14 @@ class TrainingConfig(ConfigMethods):
         None, "folder with the task's data file instead of the installed package's")
     tensorboard: bool = option(True, "also write TensorBoard event files (needs tensorboardX)")
 
+    def with_absolute_paths(self) -> TrainingConfig:
+        """This config with its data files, data_dir and init_from as absolute paths (what a
+        run saves, so that its config works from any directory)."""
+        return self.replace(**{
+            name: os.path.abspath(getattr(self, name))
+            for name in ("train_file", "valid_file", "test_file", "data_dir", "init_from")
+            if getattr(self, name) is not None})
+
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "num_buckets", "log_every", "eval_every",
                     "checkpoint_every", "keep_checkpoints", "average_checkpoints",
@@ -110,6 +118,8 @@ class TrainingConfig(ConfigMethods):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.steps >= 2**31:  # the step counter is an int32 on the device
+            raise ValueError(f"steps must be below 2**31, got {self.steps}")
         for name in ("seed", "warmup_steps", "eval_examples"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

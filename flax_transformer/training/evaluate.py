@@ -65,6 +65,7 @@ class EvalSet:
         if not examples:
             raise ValueError("an evaluation split is empty; give it some examples")
         self.examples = list(examples)
+        batch_size = min(batch_size, len(self.examples))  # never pad past the split itself
         fitted, self.buckets, self.cut = eval_buckets(self.examples, bucket_lengths, max_len)
         if reverse_target:
             fitted = reverse_targets(fitted)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from .checkpoint import (
     CONFIG_FILE,
     TOKENIZER_DIR,
     Checkpointer,
+    NoCheckpointError,
     load_run_config,
     save_run_config,
     tokenizer_dir,
@@ -50,21 +53,59 @@ RUN_FILES = (CHECKPOINT_DIR, CONFIG_FILE, TOKENIZER_DIR, METRICS_FILE, TENSORBOA
              PLOT_FILE, SUMMARY_FILE)
 
 
-def clear_run(workdir: str | Path) -> None:
+def _latest_step(workdir: Path, keep: int) -> int | None:
+    """The newest checkpoint's step in `workdir`, None if it has none."""
+    if not (workdir / CHECKPOINT_DIR).is_dir():
+        return None
+    checkpointer = Checkpointer(workdir, keep, create=False)
+    try:
+        return checkpointer.latest_step()
+    finally:
+        checkpointer.close()
+
+
+def clear_run(workdir: str | Path, *, dry_run: bool = False) -> None:
     """Deletes the files a previous run wrote in `workdir` (and nothing else). Refuses a
-    directory that holds files with a run's names but no run config: they are not ours."""
+    directory that holds files with a run's names but no run config: they are not ours.
+    `dry_run`: only the refusal, nothing deleted."""
     workdir = Path(workdir)
     present = [name for name in RUN_FILES if (workdir / name).exists()]
     if present and not (workdir / CONFIG_FILE).is_file():
         raise ValueError(f"{workdir} holds {', '.join(present)} but no {CONFIG_FILE}: not a "
                          "run of this program, so --overwrite will not delete them; choose "
                          "another --workdir")
+    if dry_run:
+        return
     for name in RUN_FILES:
         path = Path(workdir) / name
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+class _DeferredInterrupt:
+    """Ctrl-C while training: the first press asks the loop to stop once the current step
+    (or checkpoint, or validation) is done, so the state it saves is whole; a second press
+    interrupts at once. Installed from the main thread only; `restore()` puts the previous
+    handler back."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _say("interrupt: stopping after this step to save it (press Ctrl-C again to stop now)")
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def _say(message: str) -> None:
@@ -90,11 +131,7 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
         raise ValueError(f"--workdir {workdir} is a file, not a directory; choose a directory")
     if overwrite and resume:
         raise ValueError("--overwrite deletes the run that --resume would continue; use one")
-    # Data files as absolute paths: the saved config must work from any directory.
-    config = config.replace(**{
-        name: str(Path(getattr(config, name)).absolute())
-        for name in ("train_file", "valid_file", "test_file", "data_dir", "init_from")
-        if getattr(config, name) is not None})
+    config = config.with_absolute_paths()  # the saved config must work from any directory
     init_from = None if resume or config.init_from is None else Path(config.init_from)
     if init_from is not None:
         if init_from.resolve() == workdir.resolve():  # resolve() makes both absolute
@@ -110,24 +147,25 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
         load_run_config(workdir)  # raises NoCheckpointError with the explanation
     if config.tensorboard:
         check_tensorboard()  # before the data loads and the model compiles
-    saved_tokenizers = workdir if resume else init_from
-    task = build_task(config, None if saved_tokenizers is None else tokenizer_dir(saved_tokenizers))
-    if overwrite:  # only now that the new run's data has loaded: a typo deletes nothing
-        clear_run(workdir)
-    checkpointer = Checkpointer(workdir, config.keep_checkpoints, create=not resume)
-    latest = checkpointer.latest_step()
-    if not resume and latest is not None:
-        checkpointer.close()
+    # What is already there, checked before the data loads.
+    latest = _latest_step(workdir, config.keep_checkpoints)
+    if not resume and not overwrite and latest is not None:
         raise ValueError(
             f"{workdir} already holds a run (checkpoint at step {latest}); pass --resume to "
             "continue it, --overwrite to start again, or choose another --workdir"
         )
+    if resume and latest is None:
+        raise NoCheckpointError(f"no checkpoint in {workdir / CHECKPOINT_DIR}; nothing to "
+                                "resume (train first, or drop --resume)")
     if resume and latest is not None and latest >= config.steps:
-        checkpointer.close()  # before the run's saved config is rewritten
         raise ValueError(
             f"the run in {workdir} is at step {latest}, and steps={config.steps}: nothing to "
             f"train; pass --steps > {latest} to continue it (or --evaluate to score it)"
         )
+    if overwrite:
+        clear_run(workdir, dry_run=True)  # refuses a directory whose files are not ours
+    saved_tokenizers = workdir if resume else init_from
+    task = build_task(config, None if saved_tokenizers is None else tokenizer_dir(saved_tokenizers))
     model_config = model_config.replace(src_vocab_size=task.src_vocab_size,
                                         tgt_vocab_size=task.tgt_vocab_size)
     max_len = model_config.max_len
@@ -143,6 +181,9 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
         origin = f"from {init_from} (its step {source_step}), starting at"
     tx, schedule = make_optimizer(config, model_config.d_model)
     state = init_train_state(params, tx, config.seed)
+    if overwrite:  # only now that the new run's data and model are built: a typo deletes nothing
+        clear_run(workdir)
+    checkpointer = Checkpointer(workdir, config.keep_checkpoints, create=not resume)
     if resume:
         state = checkpointer.restore(state)
     else:
@@ -181,8 +222,11 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     valid_results: dict[str, float] = {}
     train_results: dict[str, float] = {}
     train_seconds = 0.0
+    interrupts = _DeferredInterrupt()
     try:
         for step in range(start_step, config.steps):
+            if interrupts.requested:  # Ctrl-C during the previous step: `state` is whole
+                raise KeyboardInterrupt
             batch = next(stream)
             tokens += batch.num_target_tokens
             state, metrics = train_step(state, batch_arrays(batch))
@@ -201,6 +245,10 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
                                 lr=f"{train_results['lr']:.2e}",
                                 tok_s=f"{train_results['tokens_per_s']:.0f}", refresh=False)
                 pending, tokens, mark = [], 0, now
+            if done % config.checkpoint_every == 0 or last:  # before validating: a failed
+                paused = time.perf_counter()  # validation then loses no training
+                checkpointer.save(state)
+                mark += time.perf_counter() - paused
             if valid_set is not None and (done % config.eval_every == 0 or last):
                 paused = time.perf_counter()
                 model = parts.model(state.params)
@@ -209,10 +257,8 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
                 writer.write("valid", done, valid_results)
                 _say(f"step {done}: valid {_format(valid_results, metric)}")
                 mark += time.perf_counter() - paused
-            if done % config.checkpoint_every == 0 or last:
-                paused = time.perf_counter()
-                checkpointer.save(state)
-                mark += time.perf_counter() - paused
+        if interrupts.requested:  # pressed during the last step: it is saved, stop here
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         # Keep what was trained: `state` is a whole step (the data stream and dropout masks
         # follow from its step count), so --resume continues bitwise. Unless the interrupt
@@ -229,6 +275,7 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
              "continue with --resume")
         raise
     finally:
+        interrupts.restore()
         bar.close()
     final_step = int(state.step)
     if checkpointer.latest_step() != final_step:

@@ -38,7 +38,8 @@ class MetricsWriter:
 
     `start_step` > 0 (a resumed run): records after that step, written by an interrupted
     earlier run past its last checkpoint, are dropped from both, so the resumed run's records
-    replace them instead of repeating their steps.
+    replace them instead of repeating their steps; 0 (a fresh run): earlier records, of a
+    start that saved no checkpoint, are replaced.
     """
 
     def __init__(self, workdir: str | Path, *, start_step: int = 0, tensorboard: bool = True):
@@ -49,13 +50,15 @@ class MetricsWriter:
         self.path = self.workdir / METRICS_FILE
         if start_step > 0 and self.path.is_file():
             _drop_records_after(self.path, start_step)
-        self._file = open(self.path, "a", encoding="utf-8")
+        # A fresh run (start_step 0) replaces the records of an earlier start that saved no
+        # checkpoint; a resumed one appends.
+        self._file = open(self.path, "a" if start_step > 0 else "w", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR),
-                                     purge_step=start_step + 1 if start_step else None,
+                                     purge_step=start_step + 1,
                                      flush_secs=30)
 
     def write(self, split: str, step: int, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def check_same_tokenizers(task: Task, other: Task, where: str) -> None:
         if getattr(task, side) != getattr(other, side):
             raise ValueError(
                 f"{where}: its {side.split('_')[0]} tokenizer differs from the decoding run's; "
-                "a rescoring model must be trained on the same task and data (same tokenizers)"
+                "models combined must be trained on the same task and data (same tokenizers)"
             )
 
 

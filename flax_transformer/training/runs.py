@@ -107,6 +107,9 @@ def _partner(workdir: str | Path, task: Task, max_len: int, role: str):
     """(model, training config) of another run that joins the decoding one: same tokenizers
     as `task`, and a max_len of at least `max_len` (ValueError otherwise)."""
     other_model, other_task, other_config = load_for_prediction(workdir)
+    if other_config.task != task.name:
+        raise ValueError(f"{role} run {workdir} learned task {other_config.task!r}, the "
+                         f"decoding run {task.name!r}; combine runs of one task")
     check_same_tokenizers(task, other_task, f"{role} run {workdir}")
     if other_model.config.max_len < max_len:
         raise ValueError(f"{role} run {workdir}: its model's max_len "
