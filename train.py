@@ -28,6 +28,7 @@ import dataclasses
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from flax_transformer.runtime import keep_freed_memory
@@ -247,6 +248,11 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
         model_config, config = resolve_preset(args.preset, task)
         model_config = model_config.replace(**model_overrides)
         config = config.replace(**training_overrides)
+    for name in ("train_file", "valid_file", "test_file", "data_dir"):
+        path = training_overrides.get(name)
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"--{name.replace('_', '-')} {path}: no such "
+                             f"{'directory' if name == 'data_dir' else 'file'}")
 
     summary = train(model_config, config, workdir, resume=args.resume,
                     overwrite=args.overwrite, progress=not args.no_progress)

@@ -337,3 +337,10 @@ def test_workdir_and_flag_typos_are_refused(capsys, tmp_path):
         train_cli.main(SMALL + ["--over", "--workdir", str(tmp_path / "w")])  # no abbreviations
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --over" in capsys.readouterr().err
+
+
+def test_a_missing_data_file_names_its_flag(capsys, tmp_path):
+    _one_error_line(capsys, ["--task", "translate", "--train-file", str(tmp_path / "no.tsv"),
+                             "--workdir", str(tmp_path / "w")], "--train-file")
+    _one_error_line(capsys, ["--task", "g2p", "--data-dir", str(tmp_path / "none"),
+                             "--workdir", str(tmp_path / "w")], "--data-dir")

@@ -110,10 +110,14 @@ class Checkpointer:
                       f"cannot be read ({_first_line(first_error)}); using step {candidate}",
                       file=sys.stderr)
             return state
-        if isinstance(first_error, ValueError):
-            raise first_error  # e.g. the saved tree does not fit this model: orbax says how
-        raise ValueError(f"checkpoint {steps[0]} in {self.workdir / CHECKPOINT_DIR} cannot be "
-                         f"read: {_first_line(first_error)}") from first_error
+        where = f"checkpoint {steps[0]} in {self.workdir / CHECKPOINT_DIR}"
+        mismatch = not isinstance(first_error, json.JSONDecodeError)  # a truncated file
+        if isinstance(first_error, ValueError) and mismatch:
+            # orbax: the saved tree does not fit this model; its message says where
+            raise ValueError(f"{where} does not fit the model built from {CONFIG_FILE} (was it "
+                             f"edited?): {first_error}") from None
+        raise ValueError(f"{where} cannot be read ({_first_line(first_error)}), nor any older "
+                         "one") from first_error
 
     def restore_average(self, like: TrainState, count: int) -> tuple[TrainState, list[int]]:
         """(state, steps): the latest readable state (as `restore`) with its parameters
