@@ -48,7 +48,12 @@ def test_a_run_evaluates_every_split_in_eval_buckets_shapes(tmp_path, monkeypatc
     assert {shape[0] for shape in shapes} == {16}
 
 
-def test_eval_batches_are_never_padded_past_the_split():
-    split = [Example([5, 6, 2], [7, 2], ("x",)) for _ in range(3)]
-    padded = EvalSet(split, eval_bucket_lengths([split], 1, 64), 64, batch_size=1_000_000)
+def test_eval_batches_are_never_padded_past_the_largest_split():
+    from flax_transformer.training.evaluate import eval_batch_size
+
+    three = [Example([5, 6, 2], [7, 2], ("x",)) for _ in range(3)]
+    assert eval_batch_size(1_000_000, [three, three[:2]]) == 3
+    assert eval_batch_size(2, [three]) == 2
+    size = eval_batch_size(10**6, [three])
+    padded = EvalSet(three, eval_bucket_lengths([three], 1, 64), 64, size)
     assert [arrays["src"].shape[0] for arrays, _ in padded.batches] == [3]

@@ -33,6 +33,12 @@ from .loss import summarize
 from .step import batch_arrays
 
 
+def eval_batch_size(requested: int, splits: Sequence[Sequence[Example]]) -> int:
+    """`requested`, capped at the largest split's size: batches never pad far past the data,
+    and every split keeps one batch shape."""
+    return min(requested, max((len(split) for split in splits), default=requested) or 1)
+
+
 def eval_bucket_lengths(splits: Sequence[Sequence[Example]], num_buckets: int,
                         max_len: int) -> tuple[int, ...]:
     """The at most `num_buckets` lengths that pad the examples of all `splits` together (cut
@@ -65,7 +71,6 @@ class EvalSet:
         if not examples:
             raise ValueError("an evaluation split is empty; give it some examples")
         self.examples = list(examples)
-        batch_size = min(batch_size, len(self.examples))  # never pad past the split itself
         fitted, self.buckets, self.cut = eval_buckets(self.examples, bucket_lengths, max_len)
         if reverse_target:
             fitted = reverse_targets(fitted)

@@ -33,7 +33,7 @@ from .checkpoint import (
     tokenizer_dir,
 )
 from .config import TrainingConfig
-from .evaluate import EvalSet, eval_bucket_lengths, evaluate
+from .evaluate import EvalSet, eval_batch_size, eval_bucket_lengths, evaluate
 from .loss import summarize
 from .metrics import (
     METRICS_FILE,
@@ -201,8 +201,9 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
 
     train_step = make_train_step(parts, tx, label_smoothing=config.label_smoothing)
     eval_step = make_eval_step(parts, label_smoothing=config.label_smoothing)
-    eval_options = dict(batch_size=config.eval_batch_size, reverse_target=config.reverse_target)
     eval_splits = [split for split in (task.valid, task.test) if split]
+    eval_options = dict(batch_size=eval_batch_size(config.eval_batch_size, eval_splits),
+                        reverse_target=config.reverse_target)
     eval_lengths = (eval_bucket_lengths(eval_splits, config.eval_buckets, max_len)
                     if eval_splits else ())
     valid_set = valid_decode = None

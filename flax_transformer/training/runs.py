@@ -18,7 +18,13 @@ from ..config import TransformerConfig
 from ..data import Task, load_task, restore_task
 from .checkpoint import Checkpointer, load_run_config, tokenizer_dir
 from .config import TrainingConfig
-from .evaluate import EvalSet, decode_examples, eval_bucket_lengths, predict_texts
+from .evaluate import (
+    EvalSet,
+    decode_examples,
+    eval_batch_size,
+    eval_bucket_lengths,
+    predict_texts,
+)
 from .optim import make_optimizer
 from .rescore import Scorer, check_same_tokenizers, rescored_predictions
 from .state import init_model, init_train_state
@@ -168,7 +174,8 @@ def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = ()
                if chosen else ())
     results: dict[str, dict[str, float]] = {}
     for split, examples in chosen.items():
-        eval_set = EvalSet(examples, lengths, max_len, config.eval_batch_size,
+        eval_set = EvalSet(examples, lengths, max_len,
+                           eval_batch_size(config.eval_batch_size, list(chosen.values())),
                            reverse_target=config.reverse_target)
         start = time.perf_counter()
         predictions = (rescored_predictions(decoder, scorers, eval_set, config) if scorers
