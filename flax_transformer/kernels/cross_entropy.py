@@ -65,6 +65,16 @@ def _backward(label_smoothing, residuals, cotangents):
 _loss_and_stats.defvjp(_forward, _backward)
 
 
+def check_label_smoothing(label_smoothing) -> float:
+    """`label_smoothing` as a float; ValueError unless a number in [0, 1) (it is static)."""
+    if (isinstance(label_smoothing, (bool, np.bool_))
+            or not isinstance(label_smoothing, (int, float, np.integer, np.floating))
+            or not 0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing must be a number in [0, 1) (a Python float: it is "
+                         f"static), got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
 def softmax_cross_entropy(
     logits: jnp.ndarray, targets: jnp.ndarray, *, label_smoothing: float = 0.0
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
@@ -78,11 +88,7 @@ def softmax_cross_entropy(
             f"logits {logits.shape} and targets {targets.shape} disagree: logits must be "
             "[..., vocab] for targets [...]"
         )
-    if (isinstance(label_smoothing, (bool, np.bool_))
-            or not isinstance(label_smoothing, (int, float, np.integer, np.floating))
-            or not 0.0 <= label_smoothing < 1.0):
-        raise ValueError(f"label_smoothing must be a number in [0, 1) (a Python float: it is "
-                         f"static), got {label_smoothing!r}")
+    label_smoothing = check_label_smoothing(label_smoothing)
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise ValueError(f"targets must be integer ids, got dtype {targets.dtype}")
     if not isinstance(targets, jax.core.Tracer) and targets.size:
@@ -90,4 +96,4 @@ def softmax_cross_entropy(
         if low < 0 or high >= logits.shape[-1]:
             raise ValueError(f"target ids must be in [0, {logits.shape[-1]}) (the vocabulary "
                              f"of the logits), got ids from {low} to {high}")
-    return _loss_and_stats(logits, targets.astype(jnp.int32), float(label_smoothing))
+    return _loss_and_stats(logits, targets.astype(jnp.int32), label_smoothing)

@@ -195,12 +195,11 @@ class Transformer(nnx.Module):
         if token.shape[0] != rows:
             raise ValueError(f"token has batch {token.shape[0]} but the cache was built for "
                              f"{rows} rows; pass one token per cached row")
-        if not hasattr(position, "dtype") and not isinstance(position, int | np.integer):
+        integer = isinstance(position, int | np.integer) or (
+            hasattr(position, "dtype") and jnp.issubdtype(position.dtype, jnp.integer))
+        if isinstance(position, bool) or not integer:
             raise ValueError(f"position must be an integer (the target position), got "
                              f"{position!r}")
-        if isinstance(position, bool) or not jnp.issubdtype(jnp.asarray(position).dtype,
-                                                            jnp.integer):
-            raise ValueError(f"position must be an integer, got {position!r}")
         if jnp.ndim(position) != 0:
             raise ValueError(f"position must be a scalar, got shape {jnp.shape(position)}")
         if not isinstance(position, jax.core.Tracer):

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from ..config import TransformerConfig
+from ..kernels.cross_entropy import check_label_smoothing
 from ..nn import check_tokens
 from .loss import cross_entropy_stats
 from .state import ModelParts, TrainState
@@ -58,14 +59,6 @@ def check_batch(batch: Batch, config: TransformerConfig) -> None:
     if tgt_in != tgt_out or src[0] != tgt_in[0]:
         raise ValueError(f"batch shapes do not match: src {src}, tgt_in {tgt_in}, tgt_out "
                          f"{tgt_out}; tgt_in and tgt_out are [B, T] and src is [B, S]")
-
-
-def check_label_smoothing(label_smoothing: Any) -> float:
-    """`label_smoothing` as a float; ValueError unless a number in [0, 1)."""
-    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
-            or not 0.0 <= label_smoothing < 1.0):
-        raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
-    return float(label_smoothing)
 
 
 def _checked(step: Callable, config: TransformerConfig) -> Callable:
