@@ -100,6 +100,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str,
         flag = "--" + field.name.replace("_", "-")
         base, optional = _flag_type(hints[field.name])
         help_text = f"{field.metadata['help']} (default: {field.default}, or the preset's)"
+        if optional:  # `none` unsets the field; a path really named so is given as ./none
+            help_text += "; none unsets it" + (" (a file named none: ./none)" if base is str
+                                               else "")
         if base is bool:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)

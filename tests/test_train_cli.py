@@ -155,6 +155,14 @@ def test_workdirs_that_are_not_runs_are_left_alone(capsys, tmp_path):
     assert (other / "checkpoints" / "model.pt").read_text() == "not ours"
 
 
+def test_a_model_too_large_for_memory_is_refused_before_allocating(capsys, tmp_path):
+    workdir = tmp_path / "run"
+    line = _one_error_line(capsys, SMALL + ["--d-model", "32768", "--num-heads", "8",
+                                            "--workdir", str(workdir)], "training needs at least")
+    assert "parameters, gradients and Adam moments" in line and "lower --d-model" in line
+    assert not workdir.exists()  # refused before anything was written
+
+
 def test_unknown_task(capsys, tmp_path):
     _one_error_line(capsys, ["--task", "nope", "--workdir", str(tmp_path)], "unknown task 'nope'")
     assert not list(tmp_path.iterdir())
@@ -212,6 +220,14 @@ def test_resume_and_predict_without_checkpoint(capsys, tmp_path):
     _one_error_line(capsys, ["--task", "copy", "--predict", "a", "--workdir", str(tmp_path)],
                     "no config.json")
     _one_error_line(capsys, ["--evaluate", "--workdir", str(tmp_path)], "no config.json")
+
+
+def test_none_unsets_an_optional_flag_and_dot_slash_names_a_file_called_none():
+    parser, _, _ = train_cli.build_parser()
+    args = parser.parse_args(["--max-examples", "None", "--train-file", "none"])
+    assert args.max_examples is None and args.train_file is None
+    assert parser.parse_args(["--train-file", "./none"]).train_file == "./none"
+    assert "none unsets it (a file named none: ./none)" in " ".join(parser.format_help().split())
 
 
 def test_bad_flag_value_is_one_line(capsys):

@@ -35,6 +35,7 @@ from .checkpoint import (
 from .config import TrainingConfig
 from .evaluate import EvalSet, eval_batch_size, eval_bucket_lengths, evaluate
 from .loss import summarize
+from .memory import check_training_memory
 from .metrics import (
     METRICS_FILE,
     PLOT_FILE,
@@ -173,6 +174,8 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     if config.reverse_target:
         train_examples = reverse_targets(train_examples)
     buckets = optimal_bucket_lengths(train_examples, config.num_buckets, max_len)
+    check_training_memory(model_config, batch_size=config.batch_size, target_len=max(buckets),
+                          accumulate_steps=config.accumulate_steps)  # before allocating it
 
     parts, params = init_model(model_config, config.seed)
     origin = "starting at"
