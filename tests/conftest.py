@@ -1,11 +1,31 @@
 """Shared test helpers: a float64 NumPy reference of attention and random inputs."""
 
+import os
+import shutil
+import tempfile
+
+import jax
 import numpy as np
 import pytest
 
 from flax_transformer.runtime import keep_freed_memory
 
 keep_freed_memory()  # before any test runs JAX: XLA:CPU steps ~2x faster (see runtime.py)
+
+# Many tests build the same tiny model's train/eval steps as new jitted functions, which JAX's
+# in-memory cache does not share: a compilation cache for this session (fresh, so no test ever
+# reads an executable from another version of the code) compiles each program once.
+# FT_TEST_COMPILE_CACHE=0 turns it off.
+if os.environ.get("FT_TEST_COMPILE_CACHE", "1") != "0":
+    _CACHE = tempfile.mkdtemp(prefix="ft-test-xla-cache-")
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("FT_TEST_COMPILE_CACHE", "1") != "0":
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def reference_attention(q, k, v, mask=None, causal=False):
