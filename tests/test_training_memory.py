@@ -5,7 +5,10 @@ import pytest
 from flax_transformer import TransformerConfig
 from flax_transformer.training import memory
 from flax_transformer.training.memory import (
-    GIB, check_training_memory, num_parameters, training_memory,
+    GIB,
+    check_training_memory,
+    num_parameters,
+    training_memory,
 )
 from flax_transformer.training.state import count_params, init_model
 
