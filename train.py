@@ -36,7 +36,11 @@ from flax_transformer.runtime import keep_freed_memory
 keep_freed_memory()  # before JAX runs anything: ~2x faster steps on CPU
 
 from flax_transformer.config import TransformerConfig  # noqa: E402
-from flax_transformer.training.config import RUN_PRESETS, TrainingConfig  # noqa: E402
+from flax_transformer.training.config import (  # noqa: E402
+    PATH_FIELDS,
+    RUN_PRESETS,
+    TrainingConfig,
+)
 
 # Model fields that come from the data, not from the command line.
 DERIVED_MODEL_FIELDS = ("src_vocab_size", "tgt_vocab_size")
@@ -101,8 +105,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str,
         base, optional = _flag_type(hints[field.name])
         help_text = f"{field.metadata['help']} (default: {field.default}, or the preset's)"
         if optional:  # `none` unsets the field; a path really named so is given as ./none
-            help_text += "; none unsets it" + (" (a file named none: ./none)" if base is str
-                                               else "")
+            help_text += "; none unsets it" + (
+                " (a file named none: ./none)" if field.name in PATH_FIELDS else "")
         if base is bool:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)

@@ -16,6 +16,7 @@ keep_freed_memory()  # before any test runs JAX: XLA:CPU steps ~2x faster (see r
 # in-memory cache does not share: a compilation cache for this session (fresh, so no test ever
 # reads an executable from another version of the code) compiles each program once.
 # FT_TEST_COMPILE_CACHE=0 turns it off.
+_CACHE = None
 if os.environ.get("FT_TEST_COMPILE_CACHE", "1") != "0":
     _CACHE = tempfile.mkdtemp(prefix="ft-test-xla-cache-")
     jax.config.update("jax_compilation_cache_dir", _CACHE)
@@ -24,7 +25,7 @@ if os.environ.get("FT_TEST_COMPILE_CACHE", "1") != "0":
 
 
 def pytest_unconfigure(config):
-    if os.environ.get("FT_TEST_COMPILE_CACHE", "1") != "0":
+    if _CACHE is not None:
         shutil.rmtree(_CACHE, ignore_errors=True)
 
 

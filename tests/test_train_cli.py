@@ -228,6 +228,8 @@ def test_none_unsets_an_optional_flag_and_dot_slash_names_a_file_called_none():
     assert args.max_examples is None and args.train_file is None
     assert parser.parse_args(["--train-file", "./none"]).train_file == "./none"
     assert "none unsets it (a file named none: ./none)" in " ".join(parser.format_help().split())
+    helps = {action.dest: action.help for action in parser._actions}
+    assert helps["corpus"].endswith("none unsets it")  # a corpus name, not a path
 
 
 def test_bad_flag_value_is_one_line(capsys):

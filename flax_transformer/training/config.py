@@ -17,6 +17,8 @@ from ..data.translate import CORPORA
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("noam", "cosine", "rsqrt", "constant")
+# The fields that name files or directories (saved as absolute paths).
+PATH_FIELDS = ("train_file", "valid_file", "test_file", "data_dir", "init_from")
 DECODERS = ("greedy", "beam")
 
 
@@ -104,10 +106,8 @@ class TrainingConfig(ConfigMethods):
     def with_absolute_paths(self) -> TrainingConfig:
         """This config with its data files, data_dir and init_from as absolute paths (what a
         run saves, so that its config works from any directory)."""
-        return self.replace(**{
-            name: os.path.abspath(getattr(self, name))
-            for name in ("train_file", "valid_file", "test_file", "data_dir", "init_from")
-            if getattr(self, name) is not None})
+        return self.replace(**{name: os.path.abspath(getattr(self, name))
+                               for name in PATH_FIELDS if getattr(self, name) is not None})
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "num_buckets", "log_every", "eval_every",

@@ -1,12 +1,11 @@
-"""Pre-flight memory check: refuse a run whose training state cannot fit, before allocating it.
+"""Pre-flight memory check: refuse a run whose training cannot fit, before allocating it.
 
-The estimate is a lower bound (what training must hold at once, activations other than the
-logits left out), so the check never refuses a run that would fit.
+The estimate is a lower bound (the least a train step must hold at once), so the check never
+refuses a run that would fit.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
@@ -75,16 +74,11 @@ def available_memory(device: jax.Device | None = None) -> int | None:
         return None if limit is None else int(limit) - int(stats.get("bytes_in_use", 0))
     room = []
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text().splitlines():  # Linux; elsewhere unknown
             if line.startswith("MemAvailable:"):
                 room.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    if not room and hasattr(os, "sysconf"):
-        try:
-            room.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-        except (OSError, ValueError):
-            pass
     cgroup = _cgroup_room()
     if cgroup is not None:
         room.append(cgroup)
