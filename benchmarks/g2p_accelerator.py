@@ -139,6 +139,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.minutes <= 0:
         parser.error(f"--minutes must be > 0, got {args.minutes}")
+    if args.data_dir is not None:
+        args.data_dir = args.data_dir.resolve()
+        if not (args.data_dir / "cmudict.dict").is_file():
+            parser.error(f"--data-dir {args.data_dir} holds no cmudict.dict")
     args.workdir = args.workdir.resolve()
     args.report = (args.report or args.workdir / "report").resolve()
     return args
