@@ -61,6 +61,13 @@ def evaluate_command(args: argparse.Namespace, name: str, partners: list[str]) -
     return command
 
 
+def _default_sigint() -> None:
+    """In each child before exec: SIGINT back to its default. A driver started in the
+    background by a non-interactive shell inherits SIGINT ignored and would pass that on,
+    and the deadline's SIGINT would then be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def train_side_by_side(args: argparse.Namespace) -> dict[str, int]:
     """Start every run, SIGINT those still going at the deadline; {name: exit status}."""
     env = dict(os.environ)
@@ -71,7 +78,8 @@ def train_side_by_side(args: argparse.Namespace) -> dict[str, int]:
     for name in RUNS:
         log = open(args.report / f"{name}.log", "w")
         processes[name] = subprocess.Popen(train_command(name, args), stdout=log,
-                                           stderr=subprocess.STDOUT, env=env, cwd=REPO)
+                                           stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                           preexec_fn=_default_sigint)
         log.close()  # the child holds its own descriptor
     while any(p.poll() is None for p in processes.values()) and time.monotonic() < deadline:
         time.sleep(1)

@@ -319,9 +319,10 @@ def test_ctrl_c_inside_a_step_saves_that_step(tmp_path, monkeypatch):
         return interrupted
 
     monkeypatch.setattr(loop, "make_train_step", make_interrupted_step)
+    previous = signal.getsignal(signal.SIGINT)  # SIG_IGN where pytest runs in the background
     with pytest.raises(KeyboardInterrupt):
         _resume_run(tmp_path / "run", 3 * n)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert signal.getsignal(signal.SIGINT) is previous  # put back
     checkpointer = Checkpointer(tmp_path / "run", create=False)
     assert checkpointer.all_steps() == [n]
     checkpointer.close()
@@ -330,6 +331,7 @@ def test_ctrl_c_inside_a_step_saves_that_step(tmp_path, monkeypatch):
 def test_a_second_ctrl_c_interrupts_at_once():
     import signal
 
+    previous = signal.getsignal(signal.SIGINT)
     interrupts = loop._DeferredInterrupt()
     try:
         signal.raise_signal(signal.SIGINT)
@@ -338,7 +340,7 @@ def test_a_second_ctrl_c_interrupts_at_once():
             signal.raise_signal(signal.SIGINT)
     finally:
         interrupts.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_a_failing_validation_loses_no_training(tmp_path, monkeypatch):
