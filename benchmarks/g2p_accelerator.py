@@ -33,12 +33,20 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flax_transformer.training.checkpoint import CHECKPOINT_DIR
+from flax_transformer.training.loop import SUMMARY_FILE
+from flax_transformer.training.metrics import METRICS_FILE
+
 REPO = Path(__file__).resolve().parent.parent
 WIDE = ("--preset g2p-long --d-model 256 --d-ff 1024 --num-heads 4 --num-encoder-layers 4 "
         "--num-decoder-layers 4 --dropout-rate 0.15 --batch-size 512 --learning-rate 2e-3 "
         "--lr-cycles 4 --warmup-steps 400 --num-buckets 2").split()
 RUNS = {"l2r": ["--seed", "0"], "r2l": ["--seed", "1", "--reverse-target"]}
 GRACE_SECONDS = 180  # after SIGINT: the step in flight, its checkpoint, the exit
+COPIED = {SUMMARY_FILE: "-summary.json", METRICS_FILE: "-metrics.jsonl"}  # run file: suffix
 
 
 def train_command(name: str, args: argparse.Namespace) -> list[str]:
@@ -100,11 +108,11 @@ def train_side_by_side(args: argparse.Namespace) -> dict[str, int]:
 def report_files() -> list[str]:
     """The names `main` writes into the report directory."""
     return ["scores.txt"] + [f"{name}{suffix}" for name in RUNS
-                             for suffix in (".log", "-summary.json", "-metrics.jsonl")]
+                             for suffix in (".log", *COPIED.values())]
 
 
 def latest_step(workdir: Path) -> int | None:
-    steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+    steps = [int(p.name) for p in (workdir / CHECKPOINT_DIR).glob("*") if p.name.isdigit()]
     return max(steps, default=None)
 
 
@@ -171,13 +179,10 @@ def main(argv=None) -> int:
     statuses = train_side_by_side(args)
     finished = {}
     for name, status in statuses.items():
-        summary = args.workdir / name / "summary.json"
-        finished[name] = summary.exists()
-        if finished[name]:
-            shutil.copy(summary, args.report / f"{name}-summary.json")
-        metrics = args.workdir / name / "metrics.jsonl"
-        if metrics.exists():
-            shutil.copy(metrics, args.report / f"{name}-metrics.jsonl")
+        for file, suffix in COPIED.items():
+            if (args.workdir / name / file).exists():
+                shutil.copy(args.workdir / name / file, args.report / f"{name}{suffix}")
+        finished[name] = (args.workdir / name / SUMMARY_FILE).exists()
         if latest_step(args.workdir / name) is None:
             print(f"error: run {name} saved no checkpoint (exit status {status}); see "
                   f"{args.report / (name + '.log')}", file=sys.stderr)
@@ -185,7 +190,7 @@ def main(argv=None) -> int:
     with open(args.report / "scores.txt", "w") as out:
         for name, done in finished.items():
             if done:
-                summary = json.loads((args.workdir / name / "summary.json").read_text())
+                summary = json.loads((args.workdir / name / SUMMARY_FILE).read_text())
                 out.write(f"{name} (its own test report at step {summary['steps']}, after "
                           f"{summary['train_seconds']:.0f} s of training): " + ", ".join(
                               f"{k} {v:.4f}" for k, v in summary["test"].items()
