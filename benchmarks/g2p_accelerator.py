@@ -23,6 +23,7 @@ deletes the runs of a previous call first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -30,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,11 +71,30 @@ def evaluate_command(args: argparse.Namespace, name: str, partners: list[str]) -
     return command
 
 
-def _default_sigint() -> None:
-    """In each child before exec: SIGINT back to its default. A driver started in the
-    background by a non-interactive shell inherits SIGINT ignored and would pass that on,
-    and the deadline's SIGINT would then be lost."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@contextlib.contextmanager
+def _sigint_not_ignored():
+    """SIGINT caught here, not ignored, while children start, so each starts with its default
+    action: an ignored signal stays ignored across exec, a caught one does not. A driver started
+    in the background by a non-interactive shell inherits SIGINT ignored and would pass that on,
+    and the deadline's SIGINT would then be lost. (Resetting it in the child instead needs
+    `preexec_fn`, Python code between fork and exec of a multithreaded process.)"""
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("SIGINT is ignored and only the main thread can change that: "
+                               "run the driver in the main thread or without SIGINT ignored")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Run `command` in REPO with stdout and stderr to `log`, SIGINT at its default action."""
+    with open(log, "w") as out, _sigint_not_ignored():  # the child holds its own descriptor
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
 
 def train_side_by_side(args: argparse.Namespace) -> dict[str, int]:
@@ -84,11 +105,7 @@ def train_side_by_side(args: argparse.Namespace) -> dict[str, int]:
     deadline = time.monotonic() + args.minutes * 60
     processes = {}
     for name in RUNS:
-        log = open(args.report / f"{name}.log", "w")
-        processes[name] = subprocess.Popen(train_command(name, args), stdout=log,
-                                           stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                           preexec_fn=_default_sigint)
-        log.close()  # the child holds its own descriptor
+        processes[name] = start(train_command(name, args), args.report / f"{name}.log", env)
     while any(p.poll() is None for p in processes.values()) and time.monotonic() < deadline:
         time.sleep(1)
     for name, p in processes.items():

@@ -54,6 +54,25 @@ def test_bad_arguments_name_the_flag(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("parent", ["SIG_IGN", "SIG_DFL", "default_int_handler"])
+def test_children_start_with_sigint_at_its_default_whatever_the_driver_has(parent, tmp_path):
+    """A driver started in the background inherits SIGINT ignored; its children must not (the
+    deadline's SIGINT would be lost), and the driver's own setting is put back."""
+    import signal
+    import sys
+
+    previous = signal.signal(signal.SIGINT, getattr(signal, parent))
+    try:
+        probe = ("import signal; "
+                 "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+        child = g2p_accelerator.start([sys.executable, "-c", probe], tmp_path / "child.log", {})
+        assert child.wait(timeout=60) == 0
+        assert signal.getsignal(signal.SIGINT) is getattr(signal, parent)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert (tmp_path / "child.log").read_text() == "True\n"  # SIG_DFL at exec: Python's handler
+
+
 def test_the_plan_end_to_end_on_a_tiny_model(tmp_path, capsys):
     """Both runs train and report, the left-to-right beam is reranked by both, and the report
     directory holds the small files a lent machine returns."""
