@@ -1,5 +1,6 @@
-"""Shared test helpers: a float64 NumPy reference of attention and random inputs."""
+"""Session settings (malloc, a fresh compilation cache) and fixtures; helpers are in helpers.py."""
 
+import gc
 import os
 import shutil
 import tempfile
@@ -15,13 +16,28 @@ keep_freed_memory()  # before any test runs JAX: XLA:CPU steps ~2x faster (see r
 # Many tests build the same tiny model's train/eval steps as new jitted functions, which JAX's
 # in-memory cache does not share: a compilation cache for this session (fresh, so no test ever
 # reads an executable from another version of the code) compiles each program once.
-# FT_TEST_COMPILE_CACHE=0 turns it off.
+# FT_TEST_COMPILE_CACHE=0 turns it off. Made in a hook, not at import, so that one directory is
+# made per process and removed at its end.
 _CACHE = None
-if os.environ.get("FT_TEST_COMPILE_CACHE", "1") != "0":
-    _CACHE = tempfile.mkdtemp(prefix="ft-test-xla-cache-")
-    jax.config.update("jax_compilation_cache_dir", _CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_configure(config):
+    global _CACHE
+    if os.environ.get("FT_TEST_COMPILE_CACHE", "1") != "0":
+        _CACHE = tempfile.mkdtemp(prefix="ft-test-xla-cache-")
+        jax.config.update("jax_compilation_cache_dir", _CACHE)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session):
+    """Collect the garbage once, then freeze what is left. After this hook pytest collects five
+    more times, each a full pass over a heap that grew with every test (~1 s late in a session),
+    and a pytest-xdist worker still busy 5 s after the run ends is sent SIGINT: a
+    KeyboardInterrupt traceback printed after a green run."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_unconfigure(config):
@@ -29,48 +45,6 @@ def pytest_unconfigure(config):
         shutil.rmtree(_CACHE, ignore_errors=True)
 
 
-def reference_attention(q, k, v, mask=None, causal=False):
-    """Float64 NumPy multi-head attention. q [B,Tq,H,D], k/v [B,Tk,H,D], mask [B|1,H|1,Tq,Tk]."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    tq, tk = q.shape[1], k.shape[1]
-    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-    allowed = np.ones(scores.shape, bool)
-    if mask is not None:
-        allowed &= np.broadcast_to(np.asarray(mask, bool), scores.shape)
-    if causal:
-        allowed &= np.arange(tk)[None, :] <= np.arange(tq)[:, None] + (tk - tq)
-    scores = np.where(allowed, scores, -np.inf)
-    row_max = np.max(scores, axis=-1, keepdims=True)
-    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
-    weights = np.exp(scores - row_max)
-    total = weights.sum(-1, keepdims=True)
-    weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
-    return np.einsum("bhqk,bkhd->bqhd", weights, v)
-
-
-def relative_error(actual, expected):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30)
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
-
-
-def random_qkv(rng, batch=2, tq=5, tk=7, heads=3, dk=8, dv=8, dtype=np.float32):
-    q = rng.normal(size=(batch, tq, heads, dk)).astype(dtype)
-    k = rng.normal(size=(batch, tk, heads, dk)).astype(dtype)
-    v = rng.normal(size=(batch, tk, heads, dv)).astype(dtype)
-    return q, k, v
-
-
-def jaxpr_equations(jaxpr):
-    """Every equation of `jaxpr`, those of inner jaxprs (pjit, custom_vjp, cond) included."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for inner in param if isinstance(param, tuple) else (param,):
-                inner = getattr(inner, "jaxpr", None)
-                if inner is not None:
-                    yield from jaxpr_equations(getattr(inner, "jaxpr", inner))

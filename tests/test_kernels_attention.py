@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_qkv, reference_attention, relative_error
 from jax.test_util import check_grads
 
 from flax_transformer.kernels import (
@@ -16,7 +17,6 @@ from flax_transformer.kernels import (
     padding_mask,
     single_head_attention,
 )
-from tests.conftest import random_qkv, reference_attention, relative_error
 
 IMPLS = ["vmap", "xla", "dense"]
 

@@ -1,10 +1,10 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import relative_error
 from jax.test_util import check_grads
 
 from flax_transformer.kernels import feed_forward, sinusoidal_positions
-from tests.conftest import relative_error
 
 
 def ffn_params(rng, d=6, f=10):

@@ -1,10 +1,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import relative_error
 from jax.test_util import check_grads
 
 from flax_transformer.kernels import layer_norm
-from tests.conftest import relative_error
 
 
 def test_matches_float64_reference(rng):

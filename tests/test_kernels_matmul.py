@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import jaxpr_equations, relative_error
+from helpers import jaxpr_equations, relative_error
 
 from flax_transformer.kernels import matmul, project
 

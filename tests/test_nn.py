@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import jaxpr_equations, relative_error
 
 from flax_transformer import (
     Decoder,
@@ -15,7 +16,6 @@ from flax_transformer import (
     TransformerConfig,
 )
 from flax_transformer.kernels import IMPLEMENTATIONS, padding_mask
-from tests.conftest import jaxpr_equations, relative_error
 
 TINY = TransformerConfig.preset("tiny")
 
