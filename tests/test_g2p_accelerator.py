@@ -1,6 +1,8 @@
 """benchmarks/g2p_accelerator.py: its train.py commands, and the whole plan on a tiny model."""
 
 import importlib.util
+import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,9 +60,6 @@ def test_bad_arguments_name_the_flag(argv, message, capsys):
 def test_children_start_with_sigint_at_its_default_whatever_the_driver_has(parent, tmp_path):
     """A driver started in the background inherits SIGINT ignored; its children must not (the
     deadline's SIGINT would be lost), and the driver's own setting is put back."""
-    import signal
-    import sys
-
     previous = signal.signal(signal.SIGINT, getattr(signal, parent))
     try:
         probe = ("import signal; "
