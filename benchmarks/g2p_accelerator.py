@@ -11,6 +11,13 @@ train.py finishes its step, saves it and exits. Then the left-to-right run's bea
 by both models on the full valid and test splits (`train.py --evaluate --rescore-with`); a
 run stopped early is also scored alone (one that finished has its own test report).
 
+A run stopped early is scored at the end of its last finished cosine cycle, where the
+learning rate was at its minimum, unless it stopped at least 90% of the way through a later
+one: just after a warm restart the rate is at its peak and the model scores worse (RESULTS.md:
+2,000 steps into its fifth cycle `g2p-long` was 3.6 points of validation WER above that
+cycle's end). The newer checkpoints are renamed `<step>.later` while the scores are taken and
+renamed back after, so `--resume` continues from where the run stopped.
+
 Each run is a train.py process with `XLA_PYTHON_CLIENT_MEM_FRACTION=0.45` (unless set), so two
 share one GPU's memory: by default the first JAX process reserves 75% of it and a second one
 fails to start. The report directory receives at most 8 small files, what a lent machine
@@ -38,7 +45,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flax_transformer.training.checkpoint import CHECKPOINT_DIR
+from flax_transformer.training.checkpoint import CHECKPOINT_DIR, load_run_config
 from flax_transformer.training.loop import SUMMARY_FILE
 from flax_transformer.training.metrics import METRICS_FILE
 
@@ -47,6 +54,7 @@ WIDE = ("--preset g2p-long --d-model 256 --d-ff 1024 --num-heads 4 --num-encoder
         "--num-decoder-layers 4 --dropout-rate 0.15 --batch-size 512 --learning-rate 2e-3 "
         "--lr-cycles 4 --warmup-steps 400 --num-buckets 2").split()
 RUNS = {"l2r": ["--seed", "0"], "r2l": ["--seed", "1", "--reverse-target"]}
+ANNEALED = 0.9  # this far into a cosine decay, the rate has come 97.5% of the way down
 GRACE_SECONDS = 180  # after SIGINT: the step in flight, its checkpoint, the exit
 COPIED = {SUMMARY_FILE: "-summary.json", METRICS_FILE: "-metrics.jsonl"}  # run file: suffix
 
@@ -133,6 +141,37 @@ def latest_step(workdir: Path) -> int | None:
     return max(steps, default=None)
 
 
+def step_to_score(workdir: Path) -> int:
+    """The checkpoint step of a run stopped early to score: its latest when that is at least
+    ANNEALED of the way through its cosine cycle or no cycle has finished, else the latest
+    checkpoint at the end of a cycle."""
+    latest = latest_step(workdir)
+    training = load_run_config(workdir)[1]
+    cycle = training.steps // training.lr_cycles if training.lr_schedule == "cosine" else 0
+    if not cycle or latest % cycle >= ANNEALED * cycle:
+        return latest
+    ends = [int(p.name) for p in (workdir / CHECKPOINT_DIR).glob("*")
+            if p.name.isdigit() and int(p.name) % cycle == 0 and int(p.name) > 0]
+    return max(ends, default=latest)
+
+
+@contextlib.contextmanager
+def scored_at(workdir: Path, step: int):
+    """Checkpoints newer than `step` renamed `<step>.later` (which train.py does not read)
+    inside the block, so `train.py --evaluate` scores `step`; renamed back after it."""
+    later = [p for p in (workdir / CHECKPOINT_DIR).glob("*") if p.name.isdigit()
+             and int(p.name) > step]
+    moved = []
+    try:
+        for path in later:
+            path.rename(path.with_name(path.name + ".later"))
+            moved.append(path)
+        yield
+    finally:
+        for path in moved:
+            path.with_name(path.name + ".later").rename(path)
+
+
 def score(args: argparse.Namespace, name: str, partners: list[str], out,
           label: str | None = None) -> bool:
     """Run `train.py --evaluate` on run `name` (reranked by `partners`); its score lines go to
@@ -204,7 +243,12 @@ def main(argv=None) -> int:
             print(f"error: run {name} saved no checkpoint (exit status {status}); see "
                   f"{args.report / (name + '.log')}", file=sys.stderr)
             return 1
-    with open(args.report / "scores.txt", "w") as out:
+    stopped_at = {name: latest_step(args.workdir / name) for name, done in finished.items()
+                  if not done}
+    steps = {name: step_to_score(args.workdir / name) for name in stopped_at}
+    with open(args.report / "scores.txt", "w") as out, contextlib.ExitStack() as stack:
+        for name, step in steps.items():
+            stack.enter_context(scored_at(args.workdir / name, step))
         for name, done in finished.items():
             if done:
                 summary = json.loads((args.workdir / name / SUMMARY_FILE).read_text())
@@ -212,8 +256,11 @@ def main(argv=None) -> int:
                           f"{summary['train_seconds']:.0f} s of training): " + ", ".join(
                               f"{k} {v:.4f}" for k, v in summary["test"].items()
                               if k not in ("tokens", "num_examples", "decode_seconds")) + "\n")
-            elif not score(args, name, [], out, label=f"{name} alone, stopped at step "
-                           f"{latest_step(args.workdir / name)} of {args.steps}"):
+                continue
+            label = f"{name} alone, stopped at step {stopped_at[name]} of {args.steps}"
+            if steps[name] != stopped_at[name]:
+                label += f", scored at step {steps[name]} (the end of a cosine cycle)"
+            if not score(args, name, [], out, label=label):
                 return 1
         ok = score(args, "l2r", ["r2l"], out)
     print((args.report / "scores.txt").read_text(), end="")

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks import g2p_accelerator
+from flax_transformer import TransformerConfig
+from flax_transformer.training import TrainingConfig
+from flax_transformer.training.checkpoint import save_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train_cli_g2p", ROOT / "train.py")
@@ -136,3 +139,44 @@ def test_a_run_stopped_at_the_deadline_is_scored_from_its_last_step(tmp_path, mo
     assert scores[0].startswith(f"l2r alone, stopped at step {steps['l2r']} of 100000 (")
     assert scores[3].startswith(f"r2l alone, stopped at step {steps['r2l']} of 100000 (")
     assert scores[6].startswith("l2r + r2l (") and scores[8].startswith("  test (")
+
+
+def _stopped_run(workdir: Path, saved: list[int], **training) -> Path:
+    """A work directory with a run's config and (empty) checkpoint directories."""
+    model = TransformerConfig.preset("tiny", src_vocab_size=10, tgt_vocab_size=10)
+    save_run_config(workdir, model, TrainingConfig(task="copy", **training))
+    for step in saved:
+        (workdir / "checkpoints" / str(step)).mkdir(parents=True)
+    return workdir
+
+
+@pytest.mark.parametrize("saved, expected", [
+    ([10, 20, 25], 20),  # halfway through cycle 3: the end of cycle 2
+    ([10, 20, 29], 29),  # 90% through cycle 3, the learning rate near its minimum
+    ([20, 30, 31], 30),  # just after a warm restart
+    ([30], 30),          # stopped at the end of a cycle
+    ([3, 7], 7),         # inside the first cycle: nothing better to score
+])
+def test_a_stopped_run_is_scored_at_its_last_annealed_step(tmp_path, saved, expected):
+    run = _stopped_run(tmp_path, saved, steps=40, lr_cycles=4, lr_schedule="cosine",
+                       warmup_steps=1)
+    assert g2p_accelerator.step_to_score(run) == expected
+
+
+def test_without_cycles_a_stopped_run_is_scored_at_its_latest_step(tmp_path):
+    run = _stopped_run(tmp_path / "one", [10, 25], steps=40, lr_schedule="cosine")
+    assert g2p_accelerator.step_to_score(run) == 25  # one cycle: 25 is mid-decay, the latest
+    run = _stopped_run(tmp_path / "rsqrt", [10, 20, 25], steps=40, lr_schedule="rsqrt")
+    assert g2p_accelerator.step_to_score(run) == 25
+
+
+def test_newer_checkpoints_are_set_aside_while_scoring_and_put_back(tmp_path):
+    run = _stopped_run(tmp_path, [10, 20, 25], steps=40, lr_cycles=4, lr_schedule="cosine")
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(RuntimeError):  # an error while scoring puts them back too
+        with g2p_accelerator.scored_at(run, 20):
+            assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+                "10", "20", "25.later"]
+            assert g2p_accelerator.latest_step(run) == 20
+            raise RuntimeError
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == names
