@@ -86,6 +86,8 @@ class TransformerConfig(ConfigMethods):
     share_embeddings: one embedding table for source and target (needs equal vocab sizes).
     tie_output: the pre-softmax projection reuses the target embedding matrix.
     remat: recompute each layer's activations in the backward pass (less memory, more FLOPs).
+    scan_layers: run each stack's identical layers as one `lax.scan` over their stacked
+        variables: XLA compiles one layer instead of N (same parameters, same function).
     """
 
     src_vocab_size: int = option(
@@ -115,6 +117,8 @@ class TransformerConfig(ConfigMethods):
     layer_norm_epsilon: float = option(1e-6, "LayerNorm epsilon")
     remat: bool = option(
         False, "recompute each layer's activations in the backward pass (less memory)")
+    scan_layers: bool = option(
+        False, "run each stack's layers as one lax.scan (one layer compiled, not N)")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

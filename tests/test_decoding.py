@@ -167,6 +167,18 @@ def test_a_remat_model_decodes_like_the_same_model_without_remat():
     assert remat.decoder.remat and remat.encoder.remat  # the caller's model is unchanged
 
 
+def test_a_model_with_scanned_layers_decodes_like_the_same_model_with_a_loop():
+    """Every search runs inside a loop the model was merged outside of: the scanned stacks
+    must not write their dropout streams back there (dropout is off while decoding)."""
+    loop, scan = model_for(0, dropout_rate=0.2), model_for(0, dropout_rate=0.2, scan_layers=True)
+    for use_cache in (True, False):
+        np.testing.assert_array_equal(
+            greedy_decode(scan, SRC, max_len=MAX_LEN, use_cache=use_cache),
+            greedy_decode(loop, SRC, max_len=MAX_LEN, use_cache=use_cache))
+    np.testing.assert_array_equal(beam_search(scan, SRC, beam_size=2, max_len=MAX_LEN)[0],
+                                  beam_search(loop, SRC, beam_size=2, max_len=MAX_LEN)[0])
+
+
 def test_decoding_leaves_the_model_in_training_mode():
     model = model_for(0)
     first = greedy_decode(model, SRC, max_len=MAX_LEN)

@@ -220,6 +220,35 @@ def test_remat_gives_the_same_gradients(rng):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(norm="pre", remat=True)])
+def test_scan_layers_runs_the_same_function_on_the_same_parameters(rng, overrides):
+    """scan_layers changes only how the layers run: one `scan` per stack, the loop's parameter
+    tree (so checkpoints load either way), and the loop's outputs, gradients and dropout
+    masks, call after call (the dropout streams advance in both)."""
+    config = TINY.replace(dropout_rate=0.2, **overrides)  # 2 + 2 layers
+    loop = Transformer(config, rngs=nnx.Rngs(0))
+    scan = Transformer(config.replace(scan_layers=True), rngs=nnx.Rngs(0))
+    assert (jax.tree.structure(nnx.state(scan, nnx.Param))
+            == jax.tree.structure(nnx.state(loop, nnx.Param)))
+    src, tgt = tokens(rng, (2, 6), pad_from=[6, 4]), tokens(rng, (2, 5))
+
+    def scans(model):
+        graphdef, state = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(src, tgt))(state).jaxpr
+        return sum(eqn.primitive.name == "scan" for eqn in jaxpr_equations(jaxpr))
+
+    assert (scans(scan), scans(loop)) == (2, 0)
+    value_and_grad = nnx.jit(nnx.value_and_grad(lambda m: (m(src, tgt) ** 2).mean()))
+    values = []
+    for _ in range(2):  # the second call draws new masks in both models
+        (value, grads), (expected, expected_grads) = value_and_grad(scan), value_and_grad(loop)
+        np.testing.assert_allclose(value, expected, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        values.append(value)
+    assert values[0] != values[1]
+
+
 def test_shared_embeddings_and_untied_output(rng):
     src, tgt = tokens(rng, (2, 6)), tokens(rng, (2, 5))
     for overrides in (dict(share_embeddings=True), dict(tie_output=False)):

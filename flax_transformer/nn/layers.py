@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -161,8 +162,11 @@ class DecoderLayer(nnx.Module):
         return y, cache._replace(self_attention=updated["self"])
 
 
-def _run_layers(layers, x, *args, remat: bool):
-    """Apply `layers` in order; with `remat`, recompute each layer in the backward pass."""
+def _run_layers(layers, x, *args, remat: bool, scan: bool = False):
+    """Apply `layers` in order; with `remat`, recompute each layer in the backward pass; with
+    `scan`, as one `lax.scan` over the layers (`_scan_layers`)."""
+    if scan and len(layers) > 1:
+        return _scan_layers(layers, x, *args, remat=remat)
     for layer in layers:
         if remat:
             x = nnx.remat(lambda mdl, h, *a: mdl(h, *a))(layer, x, *args)
@@ -171,12 +175,43 @@ def _run_layers(layers, x, *args, remat: bool):
     return x
 
 
+def _scan_layers(layers, x, *args, remat: bool):
+    """The identical `layers` as one `lax.scan` whose body is one layer: XLA compiles one layer
+    instead of N. Their variables are stacked on every call ([N, ...]; the parameters stay
+    stored per layer, so checkpoints do not change); when dropout is on, the advanced dropout
+    streams are written back after the scan. The same function as the loop."""
+    graphdef = nnx.graphdef(layers[0])
+    states = [nnx.split(layer, nnx.Param, ...)[1:] for layer in layers]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    def one_layer(h, state):
+        layer = nnx.merge(graphdef, *state)
+        return layer(h, *args), nnx.state(layer, nnx.Not(nnx.Param))
+
+    if remat:
+        one_layer = jax.checkpoint(one_layer, prevent_cse=False)
+    x, others = jax.lax.scan(one_layer, x, stacked)
+    if _draws_random(layers[0]):  # else nothing changed (and a decoding loop may not write)
+        for i, layer in enumerate(layers):
+            nnx.update(layer, jax.tree.map(lambda leaf, i=i: leaf[i], others))
+    return x
+
+
+def _draws_random(layer) -> bool:
+    """Whether calling `layer` advances a dropout stream: some dropout in it is on."""
+    for _, module in nnx.iter_modules(layer):
+        rate = getattr(module, "rate", getattr(module, "dropout_rate", 0.0))
+        if rate > 0 and getattr(module, "deterministic", True) is False:
+            return True
+    return False
+
+
 class Encoder(nnx.Module):
     """N identical encoder layers (plus a final LayerNorm with pre-norm)."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         check_config(config)
-        self.remat = config.remat
+        self.remat, self.scan = config.remat, config.scan_layers
         self.layers = nnx.List(
             [EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)]
         )
@@ -184,7 +219,7 @@ class Encoder(nnx.Module):
 
     def __call__(self, x: jnp.ndarray, src_mask: jnp.ndarray | None) -> jnp.ndarray:
         """x: [B, S, D] embedded source; src_mask: [B, 1, 1, S]  ->  memory [B, S, D]"""
-        x = _run_layers(self.layers, x, src_mask, remat=self.remat)
+        x = _run_layers(self.layers, x, src_mask, remat=self.remat, scan=self.scan)
         return x if self.final_norm is None else self.final_norm(x)
 
     def set_view(self, remat: bool | None = None):
@@ -199,7 +234,7 @@ class Decoder(nnx.Module):
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         check_config(config)
-        self.remat = config.remat
+        self.remat, self.scan = config.remat, config.scan_layers
         self.layers = nnx.List(
             [DecoderLayer(config, rngs=rngs) for _ in range(config.num_decoder_layers)]
         )
@@ -208,7 +243,7 @@ class Decoder(nnx.Module):
     def __call__(self, y: jnp.ndarray, memory: jnp.ndarray,
                  src_mask: jnp.ndarray | None) -> jnp.ndarray:
         """y: [B, T, D] embedded targets; memory: [B, S, D]; src_mask: [B, 1, 1, S] -> [B, T, D]"""
-        y = _run_layers(self.layers, y, memory, src_mask, remat=self.remat)
+        y = _run_layers(self.layers, y, memory, src_mask, remat=self.remat, scan=self.scan)
         return y if self.final_norm is None else self.final_norm(y)
 
     def set_view(self, remat: bool | None = None):
