@@ -154,29 +154,21 @@ def test_cached_greedy_equals_uncached(norm):
         assert_well_formed(cached)
 
 
-def test_a_remat_model_decodes_like_the_same_model_without_remat():
-    """remat is a training switch: every search runs the layers plainly (nnx.remat cannot run
-    inside the uncached loop over a model merged outside it)."""
-    plain, remat = model_for(0), model_for(0, remat=True)
+@pytest.mark.parametrize("switch", ["remat", "scan_layers"])
+def test_a_model_with_a_layer_switch_decodes_like_the_same_model_without_it(switch):
+    """remat and scan_layers change how training runs the layers, not their function. Every
+    search runs inside a loop over a model merged outside it: there the layers run plainly
+    (nnx.remat cannot run in such a loop), and scanned stacks write no dropout stream back
+    (dropout is off while decoding; the model has some)."""
+    plain, switched = model_for(0), model_for(0, **{switch: True})
     for use_cache in (True, False):
         np.testing.assert_array_equal(
-            greedy_decode(remat, SRC, max_len=MAX_LEN, use_cache=use_cache),
+            greedy_decode(switched, SRC, max_len=MAX_LEN, use_cache=use_cache),
             greedy_decode(plain, SRC, max_len=MAX_LEN, use_cache=use_cache))
-    np.testing.assert_array_equal(beam_search(remat, SRC, beam_size=2, max_len=MAX_LEN)[0],
+    np.testing.assert_array_equal(beam_search(switched, SRC, beam_size=2, max_len=MAX_LEN)[0],
                                   beam_search(plain, SRC, beam_size=2, max_len=MAX_LEN)[0])
-    assert remat.decoder.remat and remat.encoder.remat  # the caller's model is unchanged
-
-
-def test_a_model_with_scanned_layers_decodes_like_the_same_model_with_a_loop():
-    """Every search runs inside a loop the model was merged outside of: the scanned stacks
-    must not write their dropout streams back there (dropout is off while decoding)."""
-    loop, scan = model_for(0, dropout_rate=0.2), model_for(0, dropout_rate=0.2, scan_layers=True)
-    for use_cache in (True, False):
-        np.testing.assert_array_equal(
-            greedy_decode(scan, SRC, max_len=MAX_LEN, use_cache=use_cache),
-            greedy_decode(loop, SRC, max_len=MAX_LEN, use_cache=use_cache))
-    np.testing.assert_array_equal(beam_search(scan, SRC, beam_size=2, max_len=MAX_LEN)[0],
-                                  beam_search(loop, SRC, beam_size=2, max_len=MAX_LEN)[0])
+    if switch == "remat":
+        assert switched.decoder.remat and switched.encoder.remat  # the model is unchanged
 
 
 def test_decoding_leaves_the_model_in_training_mode():
