@@ -136,9 +136,13 @@ def report_files() -> list[str]:
                              for suffix in (".log", *COPIED.values())]
 
 
+def checkpoint_steps(workdir: Path) -> list[int]:
+    """The steps of the run's checkpoints (directories named by their step)."""
+    return [int(p.name) for p in (workdir / CHECKPOINT_DIR).glob("*") if p.name.isdigit()]
+
+
 def latest_step(workdir: Path) -> int | None:
-    steps = [int(p.name) for p in (workdir / CHECKPOINT_DIR).glob("*") if p.name.isdigit()]
-    return max(steps, default=None)
+    return max(checkpoint_steps(workdir), default=None)
 
 
 def step_to_score(workdir: Path) -> int:
@@ -150,8 +154,7 @@ def step_to_score(workdir: Path) -> int:
     cycle = training.steps // training.lr_cycles if training.lr_schedule == "cosine" else 0
     if not cycle or latest % cycle >= ANNEALED * cycle:
         return latest
-    ends = [int(p.name) for p in (workdir / CHECKPOINT_DIR).glob("*")
-            if p.name.isdigit() and int(p.name) % cycle == 0 and int(p.name) > 0]
+    ends = [step for step in checkpoint_steps(workdir) if step > 0 and step % cycle == 0]
     return max(ends, default=latest)
 
 
@@ -159,8 +162,7 @@ def step_to_score(workdir: Path) -> int:
 def scored_at(workdir: Path, step: int):
     """Checkpoints newer than `step` renamed `<step>.later` (which train.py does not read)
     inside the block, so `train.py --evaluate` scores `step`; renamed back after it."""
-    later = [p for p in (workdir / CHECKPOINT_DIR).glob("*") if p.name.isdigit()
-             and int(p.name) > step]
+    later = [workdir / CHECKPOINT_DIR / str(s) for s in checkpoint_steps(workdir) if s > step]
     moved = []
     try:
         for path in later:

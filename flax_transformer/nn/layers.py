@@ -162,7 +162,7 @@ class DecoderLayer(nnx.Module):
         return y, cache._replace(self_attention=updated["self"])
 
 
-def _run_layers(layers, x, *args, remat: bool, scan: bool = False):
+def _run_layers(layers, x, *args, remat: bool, scan: bool):
     """Apply `layers` in order; with `remat`, recompute each layer in the backward pass; with
     `scan`, as one `lax.scan` over the layers (`_scan_layers`)."""
     if scan and len(layers) > 1:
