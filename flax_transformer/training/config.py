@@ -44,6 +44,10 @@ class TrainingConfig(ConfigMethods):
     `reverse_target` trains the model to emit each target right to left (the tokens before
     eos reversed); its outputs are put back in order before scoring and printing. Such a
     model can rescore another's n-best list (`train.py --evaluate --rescore-with`).
+    `devices` > 1 trains data parallel (`parallel.py`): each batch is split by rows across that
+    many local devices, which must divide `batch_size`; 0 (the default) takes as many as
+    divide it, so one GPU or a CPU trains on one device as before. The result is the same as
+    on one device up to the order of floating-point sums.
     `init_from` names another run's work directory, of the same task: its latest parameters
     start this run (fine-tuning; e.g. a right-to-left model from a left-to-right one) and its
     tokenizers are reused; the step, the optimizer state, the data order and dropout start
@@ -83,6 +87,8 @@ class TrainingConfig(ConfigMethods):
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy (0: none)")
     grad_clip: float = option(1.0, "global gradient norm limit (0: no clipping)")
     accumulate_steps: int = option(1, "batches whose gradients are averaged into one update")
+    devices: int = option(
+        0, "local devices that split each batch (data parallel; 0: as many as divide it)")
     decode: str = option("greedy", "decoding for the task metric and --predict: greedy or beam")
     beam_size: int = option(4, "beams of beam search")
     length_penalty: float = option(0.6, "beam search: GNMT length penalty alpha (0: none)")
@@ -120,7 +126,7 @@ class TrainingConfig(ConfigMethods):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.steps >= 2**31:  # the step counter is an int32 on the device
             raise ValueError(f"steps must be below 2**31, got {self.steps}")
-        for name in ("seed", "warmup_steps", "eval_examples"):
+        for name in ("seed", "warmup_steps", "eval_examples", "devices"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

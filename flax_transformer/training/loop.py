@@ -45,6 +45,7 @@ from .metrics import (
     plot_curves,
 )
 from .optim import learning_rate_at, make_optimizer
+from .parallel import data_parallel
 from .runs import build_task, pretrained_params
 from .state import count_params, init_model, init_train_state
 from .step import batch_arrays, make_eval_step, make_train_step, sum_metrics
@@ -165,6 +166,7 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
         )
     if overwrite:
         clear_run(workdir, dry_run=True)  # refuses a directory whose files are not ours
+    parallel = data_parallel(config.devices, config.batch_size)  # checked before the data loads
     saved_tokenizers = workdir if resume else init_from
     task = build_task(config, None if saved_tokenizers is None else tokenizer_dir(saved_tokenizers))
     model_config = model_config.replace(src_vocab_size=task.src_vocab_size,
@@ -174,7 +176,9 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     if config.reverse_target:
         train_examples = reverse_targets(train_examples)
     buckets = optimal_bucket_lengths(train_examples, config.num_buckets, max_len)
-    check_training_memory(model_config, batch_size=config.batch_size, target_len=max(buckets),
+    devices = 1 if parallel is None else parallel.size
+    check_training_memory(model_config, batch_size=config.batch_size // devices,
+                          target_len=max(buckets),
                           accumulate_steps=config.accumulate_steps)  # before allocating it
 
     parts, params = init_model(model_config, config.seed)
@@ -189,7 +193,9 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     checkpointer = Checkpointer(workdir, config.keep_checkpoints, create=not resume)
     if resume:
         state = checkpointer.restore(state)
-    else:
+    if parallel is not None:
+        state = parallel.replicate(state)
+    if not resume:
         task.save_tokenizers(tokenizer_dir(workdir))
     save_run_config(workdir, model_config, config)
     start_step = int(state.step)
@@ -201,8 +207,14 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
          f"{model_config.num_encoder_layers}+{model_config.num_decoder_layers} layers, "
          f"{model_config.dtype} compute; "
          f"{'resuming at' if resume else origin} step {start_step} of {config.steps}")
+    if parallel is not None:
+        _say(f"data parallel: each batch of {config.batch_size} split across {parallel.size} "
+             f"{parallel.devices[0].platform} devices ({config.batch_size // parallel.size} "
+             "rows each)")
 
-    train_step = make_train_step(parts, tx, label_smoothing=config.label_smoothing)
+    train_step = make_train_step(parts, tx, label_smoothing=config.label_smoothing,
+                                 parallel=parallel)
+    on_one_device = (lambda params: params) if parallel is None else parallel.first_copy
     eval_step = make_eval_step(parts, label_smoothing=config.label_smoothing)
     eval_splits = [split for split in (task.valid, task.test) if split]
     eval_options = dict(batch_size=eval_batch_size(config.eval_batch_size, eval_splits),
@@ -255,8 +267,8 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
                 mark += time.perf_counter() - paused
             if valid_set is not None and (done % config.eval_every == 0 or last):
                 paused = time.perf_counter()
-                model = parts.model(state.params)
-                valid_results = evaluate(model, eval_step, state.params, valid_set,
+                params = on_one_device(state.params)
+                valid_results = evaluate(parts.model(params), eval_step, params, valid_set,
                                          valid_decode, task, config)
                 writer.write("valid", done, valid_results)
                 _say(f"step {done}: valid {_format(valid_results, metric)}")
@@ -286,7 +298,7 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
         checkpointer.save(state)
 
     final, averaged = checkpointer.average_with(state, config.average_checkpoints)
-    final_params = final.params
+    final_params = on_one_device(final.params)
     test_results: dict[str, float] = {}
     if task.test:
         test_set = EvalSet(task.test, eval_lengths, max_len, **eval_options)

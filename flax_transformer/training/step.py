@@ -24,6 +24,7 @@ from ..config import TransformerConfig
 from ..kernels.cross_entropy import check_label_smoothing
 from ..nn import check_tokens
 from .loss import cross_entropy_stats
+from .parallel import DataParallel
 from .state import ModelParts, TrainState
 
 Batch = Mapping[str, Any]  # src, tgt_in, tgt_out: int32 [B, L]
@@ -61,12 +62,14 @@ def check_batch(batch: Batch, config: TransformerConfig) -> None:
                          f"{tgt_out}; tgt_in and tgt_out are [B, T] and src is [B, S]")
 
 
-def _checked(step: Callable, config: TransformerConfig) -> Callable:
-    """`step(first, batch)` with `check_batch` on the host first."""
+def _checked(step: Callable, config: TransformerConfig,
+             parallel: DataParallel | None = None) -> Callable:
+    """`step(first, batch)` with `check_batch` on the host first, then, data parallel, the
+    batch split across the devices."""
 
     def checked_step(first, batch: Batch):
         check_batch(batch, config)
-        return step(first, batch)
+        return step(first, batch if parallel is None else parallel.shard(batch))
 
     return checked_step
 
@@ -84,6 +87,7 @@ def make_train_step(
     jit: bool = True,
     donate_params: bool | None = None,
     grad_norm: bool = True,
+    parallel: DataParallel | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jnp.ndarray]]]:
     """One optimizer step (or micro-step under `optax.MultiSteps`) on one batch (checked on
     the host first, see `check_batch`).
@@ -103,6 +107,10 @@ def make_train_step(
     fresh parameter buffers (the old ones are freed when the caller drops them). Either way
     the results are bitwise identical, and `train_step.lower(state, batch)` lowers the step for
     inspection (`.compile().as_text()` is its HLO).
+
+    `parallel` (see `parallel.py`): data parallel over its devices. The state must be
+    replicated on them (`parallel.replicate`) and stays so; each batch is split by rows after
+    its check, and XLA sums the gradients across the devices.
     """
     label_smoothing = check_label_smoothing(label_smoothing)
 
@@ -114,20 +122,25 @@ def make_train_step(
         return stats["loss_sum"] / jnp.maximum(stats["tokens"], 1.0), stats
 
     def train_step(state: TrainState, batch: Batch):
+        if parallel is not None:  # what the shardings of the arguments say, made explicit
+            batch = jax.lax.with_sharding_constraint(batch, parallel.rows)
         dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         grads, stats = jax.grad(loss_fn, has_aux=True)(state.params, batch, dropout_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**stats, "grad_norm": optax.tree.norm(grads)} if grad_norm else stats
-        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+        new = TrainState(state.step + 1, params, opt_state, state.rng)
+        if parallel is not None:  # one update, the same on every device
+            new = jax.lax.with_sharding_constraint(new, parallel.replicated)
+        return new, metrics
 
     if not jit:
-        return _checked(train_step, parts.config)
+        return _checked(train_step, parts.config, parallel)
     if donate_params is None:
         donate_params = jax.default_backend() != "cpu"
     if donate_params:
         donating = jax.jit(train_step, donate_argnums=0)
-        checked_train_step = _checked(donating, parts.config)
+        checked_train_step = _checked(donating, parts.config, parallel)
         checked_train_step.lower = donating.lower
         return checked_train_step
 
@@ -145,15 +158,15 @@ def make_train_step(
         return state.params, (state.step, state.opt_state, state.rng), batch
 
     def train_step_keeping_params(state: TrainState, batch: Batch):
-        check_batch(batch, parts.config)
         (step, opt_state, rng), params, metrics = compiled(*arguments(state, batch))
         return TrainState(step, params, opt_state, rng), metrics
 
     def lower(state: TrainState, batch: Batch):  # as `jax.jit(...).lower`, for inspection
         return compiled.lower(*arguments(state, batch))
 
-    train_step_keeping_params.lower = lower
-    return train_step_keeping_params
+    checked_train_step = _checked(train_step_keeping_params, parts.config, parallel)
+    checked_train_step.lower = lower
+    return checked_train_step
 
 
 def make_eval_step(

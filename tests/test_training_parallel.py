@@ -1,0 +1,42 @@
+"""Data parallel training (training/parallel.py). The multi-device checks run in a child
+process with two fake CPU devices (tests/multi_device.py); this process has one."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from flax_transformer.training import TrainingConfig
+from flax_transformer.training.parallel import data_parallel
+
+CHILD = Path(__file__).with_name("multi_device.py")
+
+
+def _child(*args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run([sys.executable, str(CHILD), *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-4000:]
+    return done
+
+
+def test_one_device_trains_as_before_and_more_is_refused():
+    local = len(jax.local_devices())
+    assert data_parallel(0, 64) is None if local == 1 else data_parallel(0, 64) is not None
+    assert data_parallel(1, 64) is None
+    with pytest.raises(ValueError, match=rf"devices={local + 1} but this machine has {local}"):
+        data_parallel(local + 1, 64)
+
+
+def test_devices_field_is_a_non_negative_integer():
+    assert TrainingConfig().devices == 0
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="devices must be a non-negative integer"):
+            TrainingConfig(devices=bad)
+
+
+def test_two_devices_compute_the_one_device_steps_and_runs_resume_on_any_count(tmp_path):
+    _child(str(tmp_path))
