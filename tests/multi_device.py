@@ -28,9 +28,9 @@ from flax_transformer.training import (  # noqa: E402
     make_train_step,
 )
 from flax_transformer.training.buckets import optimal_bucket_lengths  # noqa: E402
-from flax_transformer.training.checkpoint import Checkpointer  # noqa: E402
 from flax_transformer.training.loop import train  # noqa: E402
 from flax_transformer.training.parallel import data_parallel  # noqa: E402
+from flax_transformer.training.runs import latest_state  # noqa: E402
 from flax_transformer.training.step import batch_arrays  # noqa: E402
 
 MODEL = TransformerConfig.preset("tiny", dropout_rate=0.1, max_len=32, num_encoder_layers=1,
@@ -124,16 +124,7 @@ def run(workdir, steps, devices, resume=False):
 
 
 def final_state(workdir):
-    task = load_task("copy", max_examples=40)
-    model = MODEL.replace(src_vocab_size=task.src_vocab_size, tgt_vocab_size=task.tgt_vocab_size)
-    config = TrainingConfig(task="copy", seed=3, lr_schedule="noam", warmup_steps=4)
-    _, params = init_model(model, 3)
-    tx, _ = make_optimizer(config, model.d_model)
-    checkpointer = Checkpointer(workdir, create=False)
-    try:
-        return checkpointer.restore(init_train_state(params, tx, 3))
-    finally:
-        checkpointer.close()
+    return latest_state(workdir)[1]  # the TrainState of the run's latest checkpoint
 
 
 def check_train(root):
