@@ -193,10 +193,10 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     checkpointer = Checkpointer(workdir, config.keep_checkpoints, create=not resume)
     if resume:
         state = checkpointer.restore(state)
+    else:
+        task.save_tokenizers(tokenizer_dir(workdir))
     if parallel is not None:
         state = parallel.replicate(state)
-    if not resume:
-        task.save_tokenizers(tokenizer_dir(workdir))
     save_run_config(workdir, model_config, config)
     start_step = int(state.step)
 
