@@ -35,10 +35,11 @@ from flax_transformer.training.step import batch_arrays  # noqa: E402
 
 MODEL = TransformerConfig.preset("tiny", dropout_rate=0.1, max_len=32, num_encoder_layers=1,
                                  num_decoder_layers=1)  # one layer each: compiles faster
-CACHE = tempfile.TemporaryDirectory(prefix="ft-test-xla-cache-")  # each program compiles once
-jax.config.update("jax_compilation_cache_dir", CACHE.name)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # run alone, not by the tests' conftest
+    CACHE = tempfile.TemporaryDirectory(prefix="ft-test-xla-cache-")  # each program compiles once
+    jax.config.update("jax_compilation_cache_dir", CACHE.name)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def raises(fn, *needles):
