@@ -19,23 +19,28 @@ keep_freed_memory()  # before any test runs JAX: XLA:CPU steps ~2x faster (see r
 # FT_TEST_COMPILE_CACHE=0 turns it off. Made in a hook, not at import, so that one directory is
 # made per process and removed at its end. The processes a test starts (train.py, the
 # accelerator plan's runs, the multi-device checks) share it through JAX's environment
-# variables: the G2P plan's end-to-end test took 49 s instead of 71. A size limit turns on
-# JAX's file lock, so that two such processes never read an entry while it is being written.
+# variables: the G2P plan's end-to-end test took 49 s instead of 71. They set a size limit,
+# which turns on JAX's file lock, so that two of them running side by side never read an entry
+# while the other writes it; this process does not (the test waits for its processes), as
+# the lock also makes every write list the directory (3x the CI's system time when tried).
 _CACHE = None
 _CACHE_SETTINGS = {  # jax.config name: value (its environment variable is the name in capitals)
     "jax_persistent_cache_min_compile_time_secs": 0.0,
     "jax_persistent_cache_min_entry_size_bytes": 0,
-    "jax_compilation_cache_max_size": 64 * 2**30,
 }
+_CHILD_CACHE_LIMIT = 64 * 2**30  # bytes; any limit turns the lock on
 
 
 def pytest_configure(config):
     global _CACHE
     if os.environ.get("FT_TEST_COMPILE_CACHE", "1") != "0":
         _CACHE = tempfile.mkdtemp(prefix="ft-test-xla-cache-")
-        for name, value in {"jax_compilation_cache_dir": _CACHE, **_CACHE_SETTINGS}.items():
+        settings = {"jax_compilation_cache_dir": _CACHE, **_CACHE_SETTINGS}
+        for name, value in settings.items():
             jax.config.update(name, value)
-            os.environ[name.upper()] = str(value)
+        settings["jax_compilation_cache_max_size"] = _CHILD_CACHE_LIMIT
+        os.environ.update({name.upper(): str(value) for name, value in settings.items()})
+        jax.config.update("jax_compilation_cache_max_size", -1)  # whatever it read at import
 
 
 @pytest.hookimpl(tryfirst=True)
