@@ -5,12 +5,11 @@ fakes two CPU devices (`--xla_force_host_platform_device_count=2`, set before JA
 
 Each check raises AssertionError on failure; "ok" is printed at the end. The steps of
 `check_steps` are those of `check_train`'s runs (model, optimizer, batch shapes), so that
-the compilation cache compiles each program once.
+the compilation cache the tests' conftest.py passes on compiles each program once.
 """
 
 import os
 import sys
-import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=2").strip()
@@ -35,11 +34,6 @@ from flax_transformer.training.step import batch_arrays  # noqa: E402
 
 MODEL = TransformerConfig.preset("tiny", dropout_rate=0.1, max_len=32, num_encoder_layers=1,
                                  num_decoder_layers=1)  # one layer each: compiles faster
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # run alone, not by the tests' conftest
-    CACHE = tempfile.TemporaryDirectory(prefix="ft-test-xla-cache-")  # each program compiles once
-    jax.config.update("jax_compilation_cache_dir", CACHE.name)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def raises(fn, *needles):

@@ -25,7 +25,7 @@ def _child(*args):
 
 def test_one_device_trains_as_before_and_more_is_refused():
     local = len(jax.local_devices())
-    assert data_parallel(0, 64) is None if local == 1 else data_parallel(0, 64) is not None
+    assert (data_parallel(0, 64) is None) == (local == 1)  # one device: no parallelism
     assert data_parallel(1, 64) is None
     with pytest.raises(ValueError, match=rf"devices={local + 1} but this machine has {local}"):
         data_parallel(local + 1, 64)
