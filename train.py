@@ -51,7 +51,7 @@ RUN_DEFINING_FIELDS = ("task", "reverse_target", "train_file", "valid_file", "te
 # picks the default work directory, and "keep_checkpoints" changes nothing there (every kept
 # checkpoint may be averaged).
 READING_FIELDS = ("decode", "beam_size", "length_penalty", "eval_batch_size", "eval_buckets",
-                  "average_checkpoints", "keep_checkpoints", "data_dir", "task")
+                  "average_checkpoints", "keep_checkpoints", "data_dir", "task", "devices")
 
 
 def default_workdir(preset: str | None, task: str | None) -> str:

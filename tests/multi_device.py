@@ -1,5 +1,6 @@
 """Checks that need several devices, run by test_training_parallel.py in a child process that
-fakes two CPU devices (`--xla_force_host_platform_device_count=2`, set before JAX starts).
+fakes two CPU devices (`--xla_force_host_platform_device_count=2`, set before JAX starts):
+data parallel training, and decoding and evaluation with each device decoding its rows.
 
     python tests/multi_device.py WORKDIR
 
@@ -15,10 +16,20 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=2").strip()
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from flax_transformer import TransformerConfig  # noqa: E402
+from flax_transformer import Transformer, TransformerConfig  # noqa: E402
 from flax_transformer.data import batch_stream, load_task  # noqa: E402
+from flax_transformer.decoding import (  # noqa: E402
+    beam_search,
+    greedy_decode,
+    sequence_log_probs,
+)
+from flax_transformer.decoding.beam import _compiled_beam_search  # noqa: E402
+from flax_transformer.decoding.common import split_model  # noqa: E402
+from flax_transformer.parallel import RowSplit  # noqa: E402
 from flax_transformer.training import (  # noqa: E402
     TrainingConfig,
     init_model,
@@ -27,10 +38,15 @@ from flax_transformer.training import (  # noqa: E402
     make_train_step,
 )
 from flax_transformer.training.buckets import optimal_bucket_lengths  # noqa: E402
+from flax_transformer.training.evaluate import (  # noqa: E402
+    EvalSet,
+    decode_examples,
+    evaluate_loss,
+)
 from flax_transformer.training.loop import train  # noqa: E402
-from flax_transformer.training.parallel import data_parallel  # noqa: E402
-from flax_transformer.training.runs import latest_state  # noqa: E402
-from flax_transformer.training.step import batch_arrays  # noqa: E402
+from flax_transformer.training.parallel import data_parallel, decoding_devices  # noqa: E402
+from flax_transformer.training.runs import build_task, evaluate_run, latest_state  # noqa: E402
+from flax_transformer.training.step import batch_arrays, make_eval_step  # noqa: E402
 
 MODEL = TransformerConfig.preset("tiny", dropout_rate=0.1, max_len=32, num_encoder_layers=1,
                                  num_decoder_layers=1)  # one layer each: compiles faster
@@ -107,6 +123,42 @@ def check_steps():
             np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5)
 
 
+def check_decoding():
+    """Each of two devices decodes its share of the rows: greedy (tokens and logits), beam
+    (all beams and their scores, of an ensemble) and scoring give the one-device outputs,
+    for a batch the two do not divide;
+    the compiled search runs half the rows per device and never communicates."""
+    config = TransformerConfig.preset("tiny", d_model=16, num_heads=2, d_ff=32, max_len=16,
+                                      num_encoder_layers=1, num_decoder_layers=1,
+                                      src_vocab_size=20, tgt_vocab_size=20)
+    model, other = (Transformer(config, rngs=nnx.Rngs(seed)) for seed in (0, 1))
+    src = np.random.default_rng(0).integers(4, 20, (5, 6)).astype(np.int32)
+    src[1, 3:] = src[4, 1:] = 0
+    two = jax.devices()
+    # Each row's logits differ from every other's: rows out of order would show.
+    (a, a_logits), (b, b_logits) = (greedy_decode(model, src, max_len=10, return_logits=True,
+                                                  devices=d) for d in (None, two))
+    np.testing.assert_array_equal(b, a)
+    np.testing.assert_allclose(b_logits, a_logits, rtol=1e-5, atol=1e-6)
+    (a, a_scores), (b, b_scores) = (beam_search([model, other], src, beam_size=3, max_len=10,
+                                                return_all_beams=True, devices=d)
+                                    for d in (None, two))  # an ensemble: states as a tuple
+    np.testing.assert_array_equal(b, a)
+    np.testing.assert_allclose(b_scores, a_scores, rtol=1e-5)
+    np.testing.assert_allclose(sequence_log_probs(model, src, a[:, 0], devices=two),
+                               sequence_log_probs(model, src, a[:, 0]), rtol=1e-5)
+    split = RowSplit.of(two)
+    np.testing.assert_array_equal(split.pad(src), np.concatenate([src, src[:1]]))
+    graphdef, state = split_model(model)
+    states, rows = split.put((state,), src)
+    hlo = (_compiled_beam_search((graphdef,), 3, 10, split)  # one model
+           .lower(states, rows, jnp.float32(0.6), jnp.bool_(False)).compile().as_text())
+    assert "s32[3,6]" in hlo  # 6 rows (5 and a copy of the first), 3 per device
+    for collective in ("all-reduce", "all-gather", "all-to-all", "collective-permute"):
+        assert collective not in hlo, collective
+    assert decoding_devices(0).devices == tuple(two) and decoding_devices(1) is None
+
+
 def run_config(steps, devices):
     return TrainingConfig(task="copy", steps=steps, batch_size=8, max_examples=40,
                           num_buckets=1, log_every=3, eval_every=1000, checkpoint_every=1000,
@@ -135,13 +187,41 @@ def check_train(root):
     assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
     run(split, 2 * n + 2, devices=1, resume=True)  # a two-device checkpoint on one device
     assert int(final_state(split).step) == 2 * n + 2
+    check_evaluation(straight, summary)  # after a one-device run: its programs are compiled
     bad = os.path.join(root, "bad")
     config = TrainingConfig(task="copy", steps=2, batch_size=7, devices=2, tensorboard=False)
     raises(lambda: train(MODEL, config, bad, progress=False), "batch_size=7", "devices=2")
     assert not os.path.exists(bad)
 
 
+def check_evaluation(workdir, summary):
+    """The two-device run's validation and test split their batches over both devices: the
+    test report equals one device's scores of the same weights (loss and metric), and
+    --evaluate decodes alike on one device and on two."""
+    parts, state, model, config = latest_state(workdir)
+    task = build_task(config)
+    test = EvalSet(task.test, summary["eval_buckets"], model.max_len, batch_size=40)
+    eval_step = make_eval_step(parts, label_smoothing=config.label_smoothing)
+    one = evaluate_loss(eval_step, state.params, test)
+    parallel = data_parallel(2, 40)
+    both = evaluate_loss(eval_step, parallel.replicate(state.params), test, parallel)
+    for name in ("loss", "accuracy"):
+        np.testing.assert_allclose(both[name], one[name], rtol=1e-5)
+        np.testing.assert_allclose(summary["test"][name], one[name], rtol=1e-5)
+    model = parts.model(init_model(model, seed=1)[1])  # 8 steps of training emit one token
+    predictions = decode_examples(model, test, config)
+    assert decode_examples(model, test, config, devices=parallel) == predictions
+    assert len({tuple(p) for p in predictions}) > 5  # varied outputs: the order is checked
+    metric = summary["metric_name"]
+    runs = {devices: evaluate_run(workdir, config_overrides={"devices": devices})
+            for devices in (1, 2)}
+    for split in ("valid", "test"):
+        assert runs[1][split][metric] == runs[2][split][metric], (split, runs)
+    assert runs[1]["test"][metric] == summary["test"][metric], (runs, summary["test"])
+
+
 if __name__ == "__main__":
     check_steps()
+    check_decoding()
     check_train(sys.argv[1])
     print("ok")

@@ -193,7 +193,7 @@ def _cached_functions():
     from flax_transformer.decoding.common import split_model
 
     graphdef, _ = split_model(model_for(0))
-    return [_compiled_search(graphdef, MAX_LEN, True, False, None, False, False)]
+    return [_compiled_search(graphdef, MAX_LEN, True, False, None, False, False, None)]
 
 
 def test_padded_sources_decode_like_unpadded():

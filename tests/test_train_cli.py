@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from flax_transformer import config as config_module
@@ -79,6 +80,14 @@ def test_end_to_end_on_copy_then_predict(tmp_path, capsys, monkeypatch):
     assert "holds 2 checkpoint(s) up to step 12, fewer than average_checkpoints=3" in captured.err
     _one_error_line(capsys, ["--evaluate", "--workdir", str(workdir), "--average-checkpoints",
                              "0"], "average_checkpoints must be a positive integer")
+    # Decoding devices: --devices 1 is this machine's one device; more is refused.
+    assert train_cli.main(["--evaluate", "--workdir", str(workdir), "--devices", "1"]) == 0
+    scores = [line.split(", decode_seconds")[0] for line in lines]  # the first --evaluate's
+    assert [line.split(", decode_seconds")[0]
+            for line in capsys.readouterr().out.strip().splitlines()] == scores
+    too_many = len(jax.local_devices()) + 1
+    _one_error_line(capsys, ["--evaluate", "--workdir", str(workdir), "--devices",
+                             str(too_many)], f"devices={too_many} but this machine has")
     _one_error_line(capsys, ["--workdir", str(workdir), "--rescore-with", str(workdir)],
                     "add --evaluate")
     assert train_cli.main(["--evaluate", "--workdir", str(workdir), "--ensemble-with",

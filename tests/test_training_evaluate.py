@@ -31,10 +31,10 @@ def test_a_run_evaluates_every_split_in_eval_buckets_shapes(tmp_path, monkeypatc
     shapes = []
     evaluate = loop.evaluate
 
-    def recording(model, eval_step, params, loss_set, decode_set, task, config):
+    def recording(model, eval_step, params, loss_set, decode_set, task, config, parallel):
         for eval_set in (loss_set, decode_set):
             shapes.extend(arrays["src"].shape for arrays, _ in eval_set.batches)
-        return evaluate(model, eval_step, params, loss_set, decode_set, task, config)
+        return evaluate(model, eval_step, params, loss_set, decode_set, task, config, parallel)
 
     monkeypatch.setattr(loop, "evaluate", recording)
     model = TransformerConfig.preset("tiny", max_len=32)
@@ -54,6 +54,10 @@ def test_eval_batches_are_never_padded_past_the_largest_split():
     three = [Example([5, 6, 2], [7, 2], ("x",)) for _ in range(3)]
     assert eval_batch_size(1_000_000, [three, three[:2]]) == 3
     assert eval_batch_size(2, [three]) == 2
+    # Several devices take equal shares: the size is rounded up to a multiple of their count.
+    assert eval_batch_size(1_000_000, [three], devices=2) == 4
+    assert eval_batch_size(5, [three * 3], devices=4) == 8
+    assert eval_batch_size(8, [three * 3], devices=4) == 8
     size = eval_batch_size(10**6, [three])
     padded = EvalSet(three, eval_bucket_lengths([three], 1, 64), 64, size)
     assert [arrays["src"].shape[0] for arrays, _ in padded.batches] == [3]

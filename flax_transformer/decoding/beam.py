@@ -32,6 +32,7 @@ import numpy as np
 
 from ..kernels import padding_mask
 from ..nn import BOS_ID, EOS_ID
+from ..parallel import RowSplit
 from .common import (
     NEG_INF,
     check_bool,
@@ -84,7 +85,8 @@ def _next_token_log_probs(models, current, t, caches):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_beam_search(graphdefs: tuple, beam_size: int, max_len: int):
+def _compiled_beam_search(graphdefs: tuple, beam_size: int, max_len: int,
+                          split: RowSplit | None):
     k = beam_size
 
     def run(states, src, alpha, early_stopping):
@@ -144,12 +146,12 @@ def _compiled_beam_search(graphdefs: tuple, beam_size: int, max_len: int):
         *_, done_tokens, done_scores = jax.lax.while_loop(not_done, body, start)
         return done_tokens, done_scores
 
-    return jax.jit(run)
+    return jax.jit(run) if split is None else split.jit(run, row_args=(1,))
 
 
 def beam_search(model, src_tokens, *, beam_size: int = 4, max_len: int,
                 length_penalty: float = 0.6, early_stopping: bool = False,
-                return_all_beams: bool = False):
+                return_all_beams: bool = False, devices=None):
     """Beam search (see the module docstring for the exact rules).
 
     model: a `Transformer` (decoded in eval mode; the caller's model is not changed), or a
@@ -158,7 +160,9 @@ def beam_search(model, src_tokens, *, beam_size: int = 4, max_len: int,
     the same source ids);
     src_tokens: [B, S] int ids, 0 = padding; beam_size: K >= 1 hypotheses per input;
     max_len: tokens to generate at most (<= every model's config.max_len); length_penalty:
-    alpha of the GNMT penalty (0 = raw log-probability).
+    alpha of the GNMT penalty (0 = raw log-probability); devices: None (the default device),
+    or a list of devices that each search their share of the rows (e.g. jax.local_devices();
+    see `flax_transformer.parallel.RowSplit`).
 
     Returns (tokens [B, L], scores [B]): per input the best hypothesis (without bos, eos
     included, pad after) and its length-normalised score; trailing all-pad columns trimmed.
@@ -172,13 +176,17 @@ def beam_search(model, src_tokens, *, beam_size: int = 4, max_len: int,
     alpha = check_real(length_penalty, "length_penalty")
     early_stopping = check_bool(early_stopping, "early_stopping")
     return_all_beams = check_bool(return_all_beams, "return_all_beams")
+    split = RowSplit.of(devices)
     for member in models[1:]:
         prepare_source(member, src_tokens)  # the ids fit every member's vocabulary
     src = prepare_source(models[0], src_tokens)
     graphdefs, states = zip(*(split_model(member) for member in models))
-    fn = _compiled_beam_search(tuple(graphdefs), beam_size, max_len)
-    tokens, scores = fn(tuple(states), src, jnp.float32(alpha), jnp.bool_(early_stopping))
-    tokens, scores = trim(np.asarray(tokens)), np.asarray(scores)
+    states, rows = tuple(states), src.shape[0]
+    if split is not None:
+        states, src = split.put(states, src)
+    fn = _compiled_beam_search(tuple(graphdefs), beam_size, max_len, split)
+    tokens, scores = fn(states, src, jnp.float32(alpha), jnp.bool_(early_stopping))
+    tokens, scores = trim(np.asarray(tokens)[:rows]), np.asarray(scores)[:rows]
     if return_all_beams:
         return tokens, scores
     return trim(tokens[:, 0]), scores[:, 0]

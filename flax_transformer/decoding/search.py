@@ -16,6 +16,7 @@ import numpy as np
 
 from ..kernels import padding_mask
 from ..nn import BOS_ID, EOS_ID, PAD_ID
+from ..parallel import RowSplit
 from .common import (
     NEG_INF,
     check_bool,
@@ -79,7 +80,8 @@ def filter_logits(logits: jax.Array, *, temperature, top_k: int | None = None,
 
 @functools.lru_cache(maxsize=64)
 def _compiled_search(graphdef, max_len: int, use_cache: bool, sampling: bool,
-                     top_k: int | None, use_top_p: bool, return_logits: bool):
+                     top_k: int | None, use_top_p: bool, return_logits: bool,
+                     split: RowSplit | None):
     """The jitted decoding loop for one model structure and one set of static options."""
 
     def run(state, src, rng, temperature, top_p, ignore_eos):
@@ -128,7 +130,7 @@ def _compiled_search(graphdef, max_len: int, use_cache: bool, sampling: bool,
         _, tokens, _, _, logits_buffer = jax.lax.while_loop(not_done, body, start)
         return tokens[:, 1:], logits_buffer
 
-    return jax.jit(run)
+    return jax.jit(run) if split is None else split.jit(run, row_args=(1,))
 
 
 def _as_key(rng) -> jax.Array:
@@ -146,24 +148,28 @@ def _as_key(rng) -> jax.Array:
 
 
 def _run(model, src_tokens, *, max_len, use_cache, sampling, rng, temperature, top_k, top_p,
-         ignore_eos, return_logits):
+         ignore_eos, return_logits, devices=None):
     use_cache, ignore_eos, return_logits = (
         check_bool(use_cache, "use_cache"), check_bool(ignore_eos, "ignore_eos"),
         check_bool(return_logits, "return_logits"))
+    split = RowSplit.of(devices)
     src = prepare_source(model, src_tokens)
     graphdef, state = split_model(model)
+    rows = src.shape[0]
+    if split is not None:
+        state, src = split.put(state, src)
     fn = _compiled_search(graphdef, max_len, use_cache, sampling, top_k,
-                          top_p is not None, return_logits)
+                          top_p is not None, return_logits, split)
     tokens, logits = fn(state, src, rng, jnp.float32(temperature),
                         jnp.float32(1.0 if top_p is None else top_p), jnp.bool_(ignore_eos))
-    tokens = trim(np.asarray(tokens))
+    tokens = trim(np.asarray(tokens)[:rows])
     if return_logits:
-        return tokens, np.asarray(logits)[:, : tokens.shape[1]]
+        return tokens, np.asarray(logits)[:rows, : tokens.shape[1]]
     return tokens
 
 
 def greedy_decode(model, src_tokens, *, max_len: int, use_cache: bool = True,
-                  ignore_eos: bool = False, return_logits: bool = False):
+                  ignore_eos: bool = False, return_logits: bool = False, devices=None):
     """Greedy decoding: at each step the most probable next token (pad and bos excluded).
 
     model: a `Transformer` (its dropout mode is left untouched; decoding runs in eval mode);
@@ -172,7 +178,9 @@ def greedy_decode(model, src_tokens, *, max_len: int, use_cache: bool = True,
     use_cache: incremental decoding with a key/value cache (False: re-run the decoder over
         the whole prefix each step, the slow reference);
     ignore_eos: keep generating after eos (for benchmarks: every row does max_len steps);
-    return_logits: also return the raw step logits [B, L, V] (before pad/bos suppression).
+    return_logits: also return the raw step logits [B, L, V] (before pad/bos suppression);
+    devices: None (the default device), or a list of devices that each decode their share of
+        the rows (e.g. jax.local_devices(); see `flax_transformer.parallel.RowSplit`).
 
     Returns tokens: np.ndarray int32 [B, L], L <= max_len: the generated tokens without the
     leading bos, up to and including eos, then 0 (pad); trailing columns that are padding in
@@ -182,7 +190,7 @@ def greedy_decode(model, src_tokens, *, max_len: int, use_cache: bool = True,
     max_len = check_max_len(model, max_len)
     return _run(model, src_tokens, max_len=max_len, use_cache=use_cache, sampling=False,
                 rng=jax.random.key(0), temperature=1.0, top_k=None, top_p=None,
-                ignore_eos=ignore_eos, return_logits=return_logits)
+                ignore_eos=ignore_eos, return_logits=return_logits, devices=devices)
 
 
 def sample_decode(model, src_tokens, *, rng, max_len: int, temperature: float = 1.0,

@@ -47,7 +47,10 @@ class TrainingConfig(ConfigMethods):
     `devices` > 1 trains data parallel (`parallel.py`): each batch is split by rows across that
     many local devices, which must divide `batch_size`; 0 (the default) takes as many as
     divide it, so one GPU or a CPU trains on one device as before. The result is the same as
-    on one device up to the order of floating-point sums.
+    on one device up to the order of floating-point sums. Validation and the test report
+    split their batches over the same devices, each decoding its own rows. Reading a finished
+    run (`--evaluate`, `--predict`) decodes on `devices` local devices, 0 meaning all of them
+    (the count the run trained on does not matter there).
     `init_from` names another run's work directory, of the same task: its latest parameters
     start this run (fine-tuning; e.g. a right-to-left model from a left-to-right one) and its
     tokenizers are reused; the step, the optimizer state, the data order and dropout start
@@ -88,7 +91,8 @@ class TrainingConfig(ConfigMethods):
     grad_clip: float = option(1.0, "global gradient norm limit (0: no clipping)")
     accumulate_steps: int = option(1, "batches whose gradients are averaged into one update")
     devices: int = option(
-        0, "local devices that split each batch (data parallel; 0: as many as divide it)")
+        0, "local devices that split each batch (data parallel; 0: as many as divide it; "
+           "--evaluate/--predict: 0 is all)")
     decode: str = option("greedy", "decoding for the task metric and --predict: greedy or beam")
     beam_size: int = option(4, "beams of beam search")
     length_penalty: float = option(0.6, "beam search: GNMT length penalty alpha (0: none)")

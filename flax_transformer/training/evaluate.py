@@ -30,13 +30,17 @@ from ..data import (
 from .buckets import optimal_bucket_lengths
 from .config import TrainingConfig
 from .loss import summarize
+from .parallel import DataParallel
 from .step import batch_arrays
 
 
-def eval_batch_size(requested: int, splits: Sequence[Sequence[Example]]) -> int:
-    """`requested`, capped at the largest split's size: batches never pad far past the data,
-    and every split keeps one batch shape."""
-    return min(requested, max((len(split) for split in splits), default=requested) or 1)
+def eval_batch_size(requested: int, splits: Sequence[Sequence[Example]],
+                    devices: int = 1) -> int:
+    """`requested`, capped at the largest split's size (batches never pad far past the data,
+    and every split keeps one batch shape), then rounded up to a multiple of `devices` (each
+    device takes an equal share of the rows)."""
+    size = min(requested, max((len(split) for split in splits), default=requested) or 1)
+    return -(-size // devices) * devices
 
 
 def eval_bucket_lengths(splits: Sequence[Sequence[Example]], num_buckets: int,
@@ -84,9 +88,13 @@ class EvalSet:
         return len(self.examples)
 
 
-def evaluate_loss(eval_step: Callable, params: Any, eval_set: EvalSet) -> dict[str, float]:
-    """Label-smoothed loss, plain NLL and token accuracy over the whole split."""
-    pending = [eval_step(params, arrays) for arrays, _ in eval_set.batches]
+def evaluate_loss(eval_step: Callable, params: Any, eval_set: EvalSet,
+                  parallel: DataParallel | None = None) -> dict[str, float]:
+    """Label-smoothed loss, plain NLL and token accuracy over the whole split; with `parallel`
+    each batch is split by rows over its devices (`params` replicated there, the batch size
+    a multiple of their count)."""
+    place = (lambda arrays: arrays) if parallel is None else parallel.shard
+    pending = [eval_step(params, place(arrays)) for arrays, _ in eval_set.batches]
     host = jax.device_get(pending)
     totals = {k: sum(float(h[k]) for h in host) for k in host[0]}
     return summarize(totals)
@@ -98,10 +106,11 @@ def decode_len(model_max_len: int, src_len: int) -> int:
 
 
 def decode_batch(model, src: np.ndarray, config: TrainingConfig,
-                 max_len: int | None = None) -> np.ndarray:
+                 max_len: int | None = None, devices=None) -> np.ndarray:
     """Greedy or beam decoding of one source batch [B, S] -> tokens [B, L] (eos, then pad).
     `model`: a Transformer, or a list of them decoded as an ensemble (beam search only; the
-    smallest max_len among them bounds the output)."""
+    smallest max_len among them bounds the output). `devices`: None, or the devices (a list,
+    or a `RowSplit`) that each decode a share of the rows."""
     from ..decoding import beam_search, ensemble_members, greedy_decode
 
     members = ensemble_members(model)
@@ -109,20 +118,21 @@ def decode_batch(model, src: np.ndarray, config: TrainingConfig,
         max_len = decode_len(min(m.config.max_len for m in members), src.shape[1])
     if config.decode == "beam":
         tokens, _ = beam_search(model, src, beam_size=config.beam_size, max_len=max_len,
-                                length_penalty=config.length_penalty)
+                                length_penalty=config.length_penalty, devices=devices)
         return np.asarray(tokens)
     if len(members) > 1:
         raise ValueError("an ensemble decodes with beam search: use decode='beam' "
                          "(--decode beam)")
-    return np.asarray(greedy_decode(members[0], src, max_len=max_len))
+    return np.asarray(greedy_decode(members[0], src, max_len=max_len, devices=devices))
 
 
-def decode_examples(model, eval_set: EvalSet, config: TrainingConfig) -> list[list[int]]:
+def decode_examples(model, eval_set: EvalSet, config: TrainingConfig,
+                    devices=None) -> list[list[int]]:
     """Predictions (token ids, in reading order) for every example of `eval_set`, in its
-    order."""
+    order; `devices` as for `decode_batch`."""
     predictions: list[list[int]] = [[] for _ in range(len(eval_set))]
     for arrays, ids in eval_set.batches:
-        tokens = decode_batch(model, arrays["src"], config)
+        tokens = decode_batch(model, arrays["src"], config, devices=devices)
         for row, index in enumerate(ids):
             if index >= 0:
                 row_ids = tokens[row].tolist()
@@ -131,21 +141,25 @@ def decode_examples(model, eval_set: EvalSet, config: TrainingConfig) -> list[li
 
 
 def evaluate(model, eval_step, params, loss_set: EvalSet | None, decode_set: EvalSet,
-             task: Task, config: TrainingConfig) -> dict[str, float]:
+             task: Task, config: TrainingConfig,
+             parallel: DataParallel | None = None) -> dict[str, float]:
     """Loss/accuracy over `loss_set` (skipped if None), the task metric on `decode_set`
-    (greedy or beam, per `config.decode`), and how long decoding took."""
-    results = {} if loss_set is None else evaluate_loss(eval_step, params, loss_set)
+    (greedy or beam, per `config.decode`), and how long decoding took. With `parallel`
+    (`params` replicated on its devices) every batch is split over the devices."""
+    results = {} if loss_set is None else evaluate_loss(eval_step, params, loss_set, parallel)
     start = time.perf_counter()
-    predictions = decode_examples(model, decode_set, config)
+    predictions = decode_examples(model, decode_set, config, devices=parallel)
     scores = task.score(predictions, decode_set.examples)
     results.update({k: float(v) for k, v in scores.items()})
     results["decode_seconds"] = time.perf_counter() - start
     return results
 
 
-def predict_texts(model, task: Task, texts: Sequence[str], config: TrainingConfig) -> list[str]:
+def predict_texts(model, task: Task, texts: Sequence[str], config: TrainingConfig,
+                  devices=None) -> list[str]:
     """Outputs for raw input texts (e.g. words -> pronunciations), in the order given.
-    `model`: a Transformer or a list of them (an ensemble, beam search only)."""
+    `model`: a Transformer or a list of them (an ensemble, beam search only); `devices` as
+    for `decode_batch`."""
     if not texts:
         raise ValueError("--predict needs at least one input text")
     from ..decoding import ensemble_members
@@ -170,7 +184,7 @@ def predict_texts(model, task: Task, texts: Sequence[str], config: TrainingConfi
     src = np.zeros((len(encoded), width), np.int32)
     for row, ids in enumerate(encoded):
         src[row, : len(ids)] = ids
-    tokens = decode_batch(model, src, config)
+    tokens = decode_batch(model, src, config, devices=devices)
     if config.reverse_target:
         return [task.decode_target(reverse_tokens(row)) for row in tokens]
     return [task.decode_target(row.tolist()) for row in tokens]

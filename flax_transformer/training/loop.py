@@ -214,10 +214,9 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
 
     train_step = make_train_step(parts, tx, label_smoothing=config.label_smoothing,
                                  parallel=parallel)
-    on_one_device = (lambda params: params) if parallel is None else parallel.first_copy
     eval_step = make_eval_step(parts, label_smoothing=config.label_smoothing)
     eval_splits = [split for split in (task.valid, task.test) if split]
-    eval_options = dict(batch_size=eval_batch_size(config.eval_batch_size, eval_splits),
+    eval_options = dict(batch_size=eval_batch_size(config.eval_batch_size, eval_splits, devices),
                         reverse_target=config.reverse_target)
     eval_lengths = (eval_bucket_lengths(eval_splits, config.eval_buckets, max_len)
                     if eval_splits else ())
@@ -267,9 +266,8 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
                 mark += time.perf_counter() - paused
             if valid_set is not None and (done % config.eval_every == 0 or last):
                 paused = time.perf_counter()
-                params = on_one_device(state.params)
-                valid_results = evaluate(parts.model(params), eval_step, params, valid_set,
-                                         valid_decode, task, config)
+                valid_results = evaluate(parts.model(state.params), eval_step, state.params,
+                                         valid_set, valid_decode, task, config, parallel)
                 writer.write("valid", done, valid_results)
                 _say(f"step {done}: valid {_format(valid_results, metric)}")
                 mark += time.perf_counter() - paused
@@ -298,12 +296,13 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
         checkpointer.save(state)
 
     final, averaged = checkpointer.average_with(state, config.average_checkpoints)
-    final_params = on_one_device(final.params)
+    final_params = final.params if parallel is None else parallel.replicate(final.params)
     test_results: dict[str, float] = {}
     if task.test:
         test_set = EvalSet(task.test, eval_lengths, max_len, **eval_options)
         model = parts.model(final_params)
-        test_results = evaluate(model, eval_step, final_params, test_set, test_set, task, config)
+        test_results = evaluate(model, eval_step, final_params, test_set, test_set, task, config,
+                                parallel)
         writer.write("test", final_step, test_results)
         weights = (f"mean of the checkpoints of steps {', '.join(map(str, averaged))}"
                    if len(averaged) > 1 else f"step {final_step}")

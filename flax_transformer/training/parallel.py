@@ -10,29 +10,18 @@ computes what a run on one does, up to the order of floating-point sums.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-AXIS = "data"  # the mesh axis that the batch rows are split over
+from ..parallel import RowSplit
 
 
-class DataParallel:
-    """Shardings over a 1-D mesh of `devices`: `replicated` for the train state, `rows` for
-    the batch arrays ([B, L], B split into len(devices) equal parts)."""
-
-    def __init__(self, devices: Sequence[jax.Device]):
-        self.devices = tuple(devices)
-        self.mesh = Mesh(np.array(self.devices), (AXIS,))
-        self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.rows = NamedSharding(self.mesh, PartitionSpec(AXIS))
-
-    @property
-    def size(self) -> int:
-        return len(self.devices)
+class DataParallel(RowSplit):
+    """Shardings over a 1-D mesh of `devices` (`RowSplit`): `replicated` for the train state,
+    `rows` for the batch arrays ([B, L], B split into len(devices) equal parts). Evaluation
+    decodes on the same devices, each its share of the rows (`RowSplit.jit`)."""
 
     def replicate(self, tree: Any) -> Any:
         """`tree`'s arrays copied to every device of the mesh."""
@@ -41,13 +30,6 @@ class DataParallel:
     def shard(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """The batch's [B, L] arrays split by rows: each device receives only its B / size."""
         return {name: jax.device_put(array, self.rows) for name, array in batch.items()}
-
-    def first_copy(self, tree: Any) -> Any:
-        """`tree` on the first device alone (evaluation runs there, not once per device)."""
-        return jax.device_put(tree, self.devices[0])
-
-    def __repr__(self) -> str:
-        return f"DataParallel({self.size} x {self.devices[0].platform})"
 
 
 def data_parallel(devices: int, batch_size: int) -> DataParallel | None:
@@ -58,15 +40,28 @@ def data_parallel(devices: int, batch_size: int) -> DataParallel | None:
     if jax.process_count() > 1:
         raise ValueError(f"this run spans {jax.process_count()} processes; training is data "
                          "parallel over one process's local devices only: start one process")
-    local = jax.local_devices()
+    local = _local_devices(devices, "0: all that divide the batch")
     if devices == 0:
         devices = max(n for n in range(1, len(local) + 1) if batch_size % n == 0)
-    elif devices > len(local):
-        raise ValueError(f"devices={devices} but this machine has {len(local)} "
-                         f"{local[0].platform} device(s); pass --devices {len(local)} or fewer "
-                         "(0: all that divide the batch)")
     elif batch_size % devices:
         raise ValueError(f"batch_size={batch_size} does not split into devices={devices} equal "
                          "parts; make --batch-size a multiple of --devices (or pass --devices "
                          "0 to use as many devices as divide it)")
     return None if devices == 1 else DataParallel(local[:devices])
+
+
+def decoding_devices(devices: int) -> RowSplit | None:
+    """The local devices that evaluating or predicting with a finished run decodes on, each
+    its share of every batch's rows: `devices` of them (0: all), None for one. ValueError for
+    a count the machine does not have."""
+    chosen = _local_devices(devices, "0: all of them")[: devices or None]
+    return None if len(chosen) == 1 else RowSplit.of(chosen)
+
+
+def _local_devices(devices: int, zero: str) -> list[jax.Device]:
+    local = jax.local_devices()
+    if devices > len(local):
+        raise ValueError(f"devices={devices} but this machine has {len(local)} "
+                         f"{local[0].platform} device(s); pass --devices {len(local)} or fewer "
+                         f"({zero})")
+    return local

@@ -48,11 +48,13 @@ def _reversed_rows(tokens: np.ndarray) -> np.ndarray:
 
 
 def rescored_predictions(model, scorers: Sequence[Scorer], eval_set: EvalSet,
-                         config: TrainingConfig) -> list[list[int]]:
+                         config: TrainingConfig, devices=None) -> list[list[int]]:
     """The best hypothesis (token ids in reading order) for every example of `eval_set`:
     `model`'s beam (`config.beam_size`, `config.length_penalty`; `config.reverse_target` says
     how `model` reads targets) reranked by `model` and `scorers` together. `model` may be a
-    list of models (an ensemble): its beam and its log-probabilities count as one scorer's."""
+    list of models (an ensemble): its beam and its log-probabilities count as one scorer's.
+    `devices`: None, or the devices (a list, or a `RowSplit`) that each decode and score a
+    share of the rows."""
     if config.decode != "beam":
         raise ValueError("rescoring reranks the beam's hypotheses: use decode='beam' "
                          "(--decode beam)")
@@ -63,7 +65,7 @@ def rescored_predictions(model, scorers: Sequence[Scorer], eval_set: EvalSet,
         width = decode_len(ensemble_members(model)[0].config.max_len, src.shape[1])
         tokens, beam_scores = beam_search(model, src, beam_size=config.beam_size,
                                           max_len=width, length_penalty=alpha,
-                                          return_all_beams=True)
+                                          return_all_beams=True, devices=devices)
         rows, k, length = tokens.shape
         hyps = np.zeros((rows * k, width), np.int32)  # fixed width: one compile per bucket
         hyps[:, :length] = tokens.reshape(rows * k, length)
@@ -76,7 +78,7 @@ def rescored_predictions(model, scorers: Sequence[Scorer], eval_set: EvalSet,
         total = beam_scores.reshape(-1).astype(np.float64) * penalty
         for scorer in scorers:
             targets = _reversed_rows(hyps) if scorer.reverse_target else hyps
-            total += sequence_log_probs(scorer.model, sources, targets)
+            total += sequence_log_probs(scorer.model, sources, targets, devices=devices)
         combined = total / ((1 + len(scorers)) * penalty)
         best = combined.reshape(rows, k).argmax(axis=1)
         chosen = trim(hyps.reshape(rows, k, width)[np.arange(rows), best])

@@ -26,6 +26,7 @@ from .evaluate import (
     predict_texts,
 )
 from .optim import make_optimizer
+from .parallel import decoding_devices
 from .rescore import Scorer, check_same_tokenizers, rescored_predictions
 from .state import init_model, init_train_state
 
@@ -106,7 +107,9 @@ def predict(workdir: str | Path, texts: list[str], *,
     `decode`/`beam_size`, and `average_checkpoints`, may be overridden); `ensemble_with`: other
     runs decoded together with it (beam search only, see `evaluate_run`)."""
     model, task, config = load_for_prediction(workdir, config_overrides)
-    return predict_texts(ensemble(model, task, config, ensemble_with), task, texts, config)
+    devices = decoding_devices((config_overrides or {}).get("devices", 0))
+    return predict_texts(ensemble(model, task, config, ensemble_with), task, texts, config,
+                         devices)
 
 
 def _partner(workdir: str | Path, task: Task, max_len: int, role: str):
@@ -156,9 +159,12 @@ def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = ()
     the mean of their probabilities, `decoding.beam_search`).
     rescore_with: work directories of other runs of the same task (e.g. one trained with
     `reverse_target`) whose models rerank the beam's hypotheses (see `rescore.py`).
+    Decoding runs on `config_overrides["devices"]` local devices (0, the default: all of
+    them; not the count the run trained on), each decoding its share of every batch.
     Returns {split: metrics}; a split without examples is left out.
     """
     model, saved, config = load_for_prediction(workdir, config_overrides)
+    devices = decoding_devices((config_overrides or {}).get("devices", 0))
     if rescore_with and config.decode != "beam":
         raise ValueError("--rescore-with needs beam search: add --decode beam")
     # The partners are checked against the run's saved tokenizers, before the data loads.
@@ -175,11 +181,12 @@ def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = ()
     results: dict[str, dict[str, float]] = {}
     for split, examples in chosen.items():
         eval_set = EvalSet(examples, lengths, max_len,
-                           eval_batch_size(config.eval_batch_size, list(chosen.values())),
+                           eval_batch_size(config.eval_batch_size, list(chosen.values()),
+                                           1 if devices is None else devices.size),
                            reverse_target=config.reverse_target)
         start = time.perf_counter()
-        predictions = (rescored_predictions(decoder, scorers, eval_set, config) if scorers
-                       else decode_examples(decoder, eval_set, config))
+        predictions = (rescored_predictions(decoder, scorers, eval_set, config, devices)
+                       if scorers else decode_examples(decoder, eval_set, config, devices))
         scores = {k: float(v) for k, v in task.score(predictions, examples).items()}
         results[split] = {**scores, "decode_seconds": time.perf_counter() - start}
     return results
