@@ -149,9 +149,9 @@ def check_decoding():
                                sequence_log_probs(model, src, a[:, 0]), rtol=1e-5)
     split = RowSplit.of(two)
     np.testing.assert_array_equal(split.pad(src), np.concatenate([src, src[:1]]))
-    graphdef, state = split_model(model)
-    states, rows = split.put((state,), src)
-    hlo = (_compiled_beam_search((graphdef,), 3, 10, split)  # one model
+    graphdefs, states = zip(*(split_model(m) for m in (model, other)))
+    states, rows = split.put(states, src)
+    hlo = (_compiled_beam_search(graphdefs, 3, 10, split)  # the ensemble's search above
            .lower(states, rows, jnp.float32(0.6), jnp.bool_(False)).compile().as_text())
     assert "s32[3,6]" in hlo  # 6 rows (5 and a copy of the first), 3 per device
     for collective in ("all-reduce", "all-gather", "all-to-all", "collective-permute"):
