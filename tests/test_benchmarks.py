@@ -312,3 +312,37 @@ def test_bench_decode_parses_its_flags():
     args = parse_args(["--batch", "4,1", "--preset", "tiny", "--new-tokens", "8"])
     assert args.batch == [4, 1] and args.preset == "tiny" and args.new_tokens == 8
     assert parse_args([]).batch == [1, 4]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--batch", "0"), ("--src-len", "x"), ("--new-tokens", "0"), ("--beam-size", "-1"),
+    ("--repeats", "0"), ("--fake-cpu-devices", "0"),
+])
+def test_bench_decode_devices_refuses_bad_values_naming_the_flag(flag, value, capsys):
+    from benchmarks.bench_decode_devices import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([flag, value, "--no-write"])
+    assert exit_info.value.code == 2
+    assert f"error: argument {flag}: " in capsys.readouterr().err
+
+
+def test_bench_decode_devices_needs_two_devices_and_compares_the_outputs(capsys):
+    """This process has one device: the program says how to fake more. `bench` times and
+    compares the two paths (here a mesh of one device against the plain call's device)."""
+    import jax
+    from flax import nnx
+
+    from benchmarks import bench_decode_devices
+    from flax_transformer import Transformer, TransformerConfig
+
+    if len(jax.local_devices()) == 1:
+        assert bench_decode_devices.main(["--no-write"]) == 2
+        assert "--fake-cpu-devices 2" in capsys.readouterr().err
+    model = Transformer(TransformerConfig.preset("small", **bench_decode_devices.MODEL),
+                        rngs=nnx.Rngs(0))
+    for decoding in ("greedy", "beam"):
+        one, split, same = bench_decode_devices.bench(
+            model, jax.local_devices()[:1], decoding, batch=3, src_len=4, new_tokens=4,
+            beam_size=2, repeats=1)
+        assert one > 0 and split > 0 and same
