@@ -19,7 +19,6 @@ import argparse
 import functools
 import os
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from benchmarks.common import (  # noqa: E402  # noqa: E402
     markdown_table,
     positive_int,
     positive_int_list,
-    time_fn,
+    time_alternating,
     today,
     write_results_section,
 )
@@ -57,14 +56,10 @@ def bench(model, batch: int, src_len: int, new_tokens: int, repeats: int, seed: 
                                 use_cache=use_cache, ignore_eos=True)
         for name, use_cache in (("cached", True), ("uncached", False))
     }
-    outputs = {name: decode() for name, decode in paths.items()}  # compiles
-    times = {name: [] for name in paths}
-    for _ in range(repeats):
-        for name, decode in paths.items():
-            times[name].append(time_fn(decode, repeats=1, warmup=0))
+    outputs, times = time_alternating(paths, repeats)
     assert outputs["cached"].shape == (batch, new_tokens)
     same = bool(np.array_equal(outputs["cached"], outputs["uncached"]))
-    return statistics.median(times["cached"]), statistics.median(times["uncached"]), same
+    return times["cached"], times["uncached"], same
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -22,7 +22,6 @@ import argparse
 import functools
 import os
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from benchmarks.common import (  # noqa: E402
     malloc_note,
     markdown_table,
     positive_int,
-    time_fn,
+    time_alternating,
     today,
     write_results_section,
 )
@@ -62,15 +61,11 @@ def bench(model, devices, decoding: str, batch: int, src_len: int, new_tokens: i
                                  max_len=new_tokens)
     paths = {"one": functools.partial(call, devices=list(devices[:1])),
              "split": functools.partial(call, devices=list(devices))}
-    outputs = {name: decode() for name, decode in paths.items()}  # compiles
-    times = {name: [] for name in paths}
-    for _ in range(repeats):
-        for name, decode in paths.items():
-            times[name].append(time_fn(decode, repeats=1, warmup=0))
+    outputs, times = time_alternating(paths, repeats)
     tokens = {name: np.asarray(out[0] if isinstance(out, tuple) else out)  # beam: (tokens,
               for name, out in outputs.items()}                          # scores)
     same = bool(np.array_equal(tokens["one"], tokens["split"]))
-    return statistics.median(times["one"]), statistics.median(times["split"]), same
+    return times["one"], times["split"], same
 
 
 def parse_args(argv=None) -> argparse.Namespace:

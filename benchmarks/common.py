@@ -143,6 +143,18 @@ def time_fn(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def time_alternating(paths: dict, repeats: int) -> tuple[dict, dict[str, float]]:
+    """(outputs, median seconds) of each of `paths` (name: a function of no arguments): one
+    call each first (compiling; its output kept), then `repeats` rounds that call every path
+    once in turn, so that all of them see the same background load."""
+    outputs = {name: _sync(call()) for name, call in paths.items()}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(max(1, repeats)):
+        for name, call in paths.items():
+            times[name].append(time_fn(call, repeats=1, warmup=0))
+    return outputs, {name: statistics.median(t) for name, t in times.items()}
+
+
 def markdown_table(header, rows) -> str:
     """A markdown table from a header row and data rows (cells are passed through str)."""
     lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
