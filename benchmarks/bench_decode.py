@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402  # noqa: E402
     add_malloc_flag,
+    command_line,
     configure_malloc,
     describe_machine,
     malloc_note,
@@ -111,8 +111,7 @@ def main(argv=None) -> None:
 
     if args.no_write:
         return
-    argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    command = "python -m benchmarks.bench_decode" + (f" {argv_text}" if argv_text else "")
+    command = command_line("bench_decode", argv)
     body = "\n".join([
         "Greedy decoding of a `" + args.preset + "`-shaped Transformer (random weights): the "
         "key/value cache (`greedy_decode(use_cache=True)`) vs re-running the decoder over the "

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     add_malloc_flag,
+    command_line,
     configure_malloc,
     describe_machine,
     malloc_note,
@@ -62,8 +62,9 @@ def bench(model, devices, decoding: str, batch: int, src_len: int, new_tokens: i
     paths = {"one": functools.partial(call, devices=list(devices[:1])),
              "split": functools.partial(call, devices=list(devices))}
     outputs, times = time_alternating(paths, repeats)
-    tokens = {name: np.asarray(out[0] if isinstance(out, tuple) else out)  # beam: (tokens,
-              for name, out in outputs.items()}                          # scores)
+    # greedy returns tokens, beam search (tokens, scores)
+    tokens = {name: np.asarray(out[0] if isinstance(out, tuple) else out)
+              for name, out in outputs.items()}
     same = bool(np.array_equal(tokens["one"], tokens["split"]))
     return times["one"], times["split"], same
 
@@ -123,8 +124,7 @@ def main(argv=None) -> int:
     print(f"1-minute load average: {load} ({os.cpu_count()} CPUs)")
     if args.no_write:
         return 0
-    argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    command = "python -m benchmarks.bench_decode_devices" + (f" {argv_text}" if argv_text else "")
+    command = command_line("bench_decode_devices", argv)
     body = "\n".join([
         "Decoding split over devices (`greedy_decode` / `beam_search` with `devices=`, each "
         "device decoding its share of the rows) against the same call on one device, for a "

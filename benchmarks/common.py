@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -141,6 +142,13 @@ def time_fn(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
         _sync(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def command_line(module: str, argv=None) -> str:
+    """`python -m benchmarks.<module>` and its arguments (`argv`, or this process's), quoted
+    for a shell: the command a RESULTS.md section names."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", "-m", f"benchmarks.{module}", *map(shlex.quote, args)])
 
 
 def time_alternating(paths: dict, repeats: int) -> tuple[dict, dict[str, float]]:

@@ -63,9 +63,13 @@ class RowSplit:
         extra = -rows.shape[0] % self.size
         return rows if not extra else np.concatenate([rows, np.repeat(rows[:1], extra, 0)])
 
+    def replicate(self, tree: Any) -> Any:
+        """`tree`'s arrays copied to every device (no copy for those already there)."""
+        return jax.device_put(tree, self.replicated)
+
     def put(self, state: Any, *rows) -> tuple:
         """(`state` copied to every device, each of `rows` padded (`pad`) and split)."""
-        return (jax.device_put(state, self.replicated),
+        return (self.replicate(state),
                 *(jax.device_put(self.pad(np.asarray(r)), self.rows) for r in rows))
 
     # Splits over the same devices are equal: the decoders' compile caches key on them.

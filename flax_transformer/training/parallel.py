@@ -23,10 +23,6 @@ class DataParallel(RowSplit):
     `rows` for the batch arrays ([B, L], B split into len(devices) equal parts). Evaluation
     decodes on the same devices, each its share of the rows (`RowSplit.jit`)."""
 
-    def replicate(self, tree: Any) -> Any:
-        """`tree`'s arrays copied to every device of the mesh."""
-        return jax.device_put(tree, self.replicated)
-
     def shard(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """The batch's [B, L] arrays split by rows: each device receives only its B / size."""
         return {name: jax.device_put(array, self.rows) for name, array in batch.items()}

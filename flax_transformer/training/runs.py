@@ -13,9 +13,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from ..config import TransformerConfig
 from ..data import Task, load_task, restore_task
+from ..decoding import ensemble_members
 from .checkpoint import Checkpointer, load_run_config, tokenizer_dir
 from .config import TrainingConfig
 from .evaluate import (
@@ -173,6 +175,9 @@ def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = ()
     scorers = [Scorer(other_model, other_config.reverse_target)
                for other_model, other_config in (_partner(other, saved, max_len, "rescoring")
                                                  for other in rescore_with)]
+    if devices is not None:  # the models' weights on every device once, not once per batch
+        for member in [*ensemble_members(decoder), *(scorer.model for scorer in scorers)]:
+            nnx.update(member, devices.replicate(nnx.state(member)))
     task = build_task(config, tokenizer_dir(workdir))
     chosen = {split: task.split(split) for split in splits}
     chosen = {split: examples for split, examples in chosen.items() if examples}
