@@ -16,14 +16,18 @@ keep_freed_memory()  # before any test runs JAX: XLA:CPU steps ~2x faster (see r
 # Many tests build the same tiny model's train/eval steps as new jitted functions, which JAX's
 # in-memory cache does not share: a compilation cache for this session (fresh, so no test ever
 # reads an executable from another version of the code) compiles each program once.
-# FT_TEST_COMPILE_CACHE=0 turns it off. Made in a hook, not at import, so that one directory is
-# made per process and removed at its end. The processes a test starts (train.py, the
-# accelerator plan's runs, the multi-device checks) share it through JAX's environment
-# variables: the G2P plan's end-to-end test took 49 s instead of 71. They set a size limit,
-# which turns on JAX's file lock, so that two of them running side by side never read an entry
-# while the other writes it; this process does not (the test waits for its processes), as
-# the lock also makes every write list the directory (3x the CI's system time when tried).
-_CACHE = None
+# FT_TEST_COMPILE_CACHE=0 turns it off. Made in a hook, not at import: the main pytest process
+# makes the directory, removes it at its end, and names it in _SHARED for its pytest-xdist
+# workers, which use the same one (a program one worker compiled, the other reads: ~1 of the
+# suite's ~27 CPU minutes on 2 cores). The processes a test starts (train.py, the accelerator
+# plan's runs, the multi-device checks) share it through JAX's environment variables: the G2P
+# plan's end-to-end test took 49 s instead of 71. They set a size limit, which turns on JAX's
+# file lock, so that two of them running side by side never read an entry while the other
+# writes it; the pytest processes do not, as the lock also makes every write list the
+# directory (3x the CI's system time when tried). An entry read while another process is still
+# writing it fails to decompress, which JAX reports as a warning before compiling the program.
+_CACHE = None  # the directory this process made (and removes)
+_SHARED = "FT_TEST_SHARED_COMPILE_CACHE"
 _CACHE_SETTINGS = {  # jax.config name: value (its environment variable is the name in capitals)
     "jax_persistent_cache_min_compile_time_secs": 0.0,
     "jax_persistent_cache_min_entry_size_bytes": 0,
@@ -34,8 +38,11 @@ _CHILD_CACHE_LIMIT = 64 * 2**30  # bytes; any limit turns the lock on
 def pytest_configure(config):
     global _CACHE
     if os.environ.get("FT_TEST_COMPILE_CACHE", "1") != "0":
-        _CACHE = tempfile.mkdtemp(prefix="ft-test-xla-cache-")
-        settings = {"jax_compilation_cache_dir": _CACHE, **_CACHE_SETTINGS}
+        cache = os.environ.get(_SHARED) if os.environ.get("PYTEST_XDIST_WORKER") else None
+        if cache is None:
+            cache = _CACHE = tempfile.mkdtemp(prefix="ft-test-xla-cache-")
+            os.environ[_SHARED] = cache  # inherited by the workers pytest-xdist starts next
+        settings = {"jax_compilation_cache_dir": cache, **_CACHE_SETTINGS}
         for name, value in settings.items():
             jax.config.update(name, value)
         settings["jax_compilation_cache_max_size"] = _CHILD_CACHE_LIMIT

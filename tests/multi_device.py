@@ -99,6 +99,17 @@ def check_steps():
         if devices is not None:
             state = devices.replicate(state)
         step = make_train_step(parts, tx, donate_params=donate, parallel=devices)
+        if devices is not None and not donate:  # before the steps: the program they run
+            lowered = step.lower(state, batches[0])
+            # lowered as a call runs it: the batch's arrays (src, tgt_in, tgt_out) arrive split
+            signature = next(line for line in lowered.as_text().splitlines()
+                             if "func.func public @main" in line)
+            assert signature.count('[{"rows"}, {}]') == 3, "the batch is not split"
+            hlo = lowered.compile().as_text()
+            assert "all-reduce" in hlo  # the gradients are summed across the devices
+            src = batches[0]["src"]
+            rows = f"s32[{src.shape[0] // 2},{src.shape[1]}]"
+            assert rows in hlo, rows  # each device sees half the rows
         losses = []
         for batch in batches:
             state, metrics = step(state, batch)
@@ -108,12 +119,6 @@ def check_steps():
             for leaf in jax.tree.leaves(state):
                 assert leaf.sharding.is_fully_replicated, leaf.sharding
                 assert len(leaf.sharding.device_set) == 2, leaf.sharding
-        if devices is not None and not donate:
-            hlo = step.lower(state, batches[0]).compile().as_text()
-            assert "all-reduce" in hlo  # the gradients are summed across the devices
-            src = batches[0]["src"]
-            rows = f"s32[{src.shape[0] // 2},{src.shape[1]}]"
-            assert rows in hlo, rows  # each device sees half the rows
     one, one_losses = results[False, False]
     for donate in (False, True):
         two, two_losses = results[donate, True]

@@ -20,6 +20,7 @@ _spec.loader.exec_module(train_cli)
 SMALL = ["--task", "copy", "--steps", "12", "--batch-size", "8", "--max-examples", "48",
          "--num-buckets", "1", "--log-every", "4", "--eval-every", "6",
          "--checkpoint-every", "6", "--eval-examples", "16", "--eval-batch-size", "48",
+         "--num-encoder-layers", "1", "--num-decoder-layers", "1",  # compiles faster
          "--no-progress"]
 
 

@@ -161,8 +161,13 @@ def test_restoring_into_a_different_model_raises(tmp_path):
     checkpointer.close()
 
 
+# One layer each: the resume and checkpoint checks need no depth, and compile twice as fast.
+RESUME_MODEL = TransformerConfig.preset("tiny", dropout_rate=0.1, max_len=32,
+                                        num_encoder_layers=1, num_decoder_layers=1)
+
+
 def _resume_run(workdir, steps, resume=False):
-    model = TransformerConfig.preset("tiny", dropout_rate=0.1, max_len=32)
+    model = RESUME_MODEL
     config = TrainingConfig(task="copy", steps=steps, batch_size=8, max_examples=40,
                             num_buckets=1, log_every=3, eval_every=1000, checkpoint_every=1000,
                             eval_examples=8, eval_batch_size=40, lr_schedule="noam",
@@ -171,7 +176,7 @@ def _resume_run(workdir, steps, resume=False):
 
 
 def _final_state(workdir, steps):
-    model = TransformerConfig.preset("tiny", dropout_rate=0.1, max_len=32)
+    model = RESUME_MODEL
     task = load_task("copy", max_examples=40)
     model = model.replace(src_vocab_size=task.src_vocab_size, tgt_vocab_size=task.tgt_vocab_size)
     config = TrainingConfig(task="copy", steps=steps, seed=3, lr_schedule="noam", warmup_steps=4)
@@ -381,7 +386,7 @@ def test_a_fresh_start_replaces_the_logs_of_one_that_saved_nothing(tmp_path):
 
 def test_an_unreadable_checkpoint_is_moved_aside_when_its_step_is_saved_again(tmp_path):
     _resume_run(tmp_path, 2)
-    model = TransformerConfig.preset("tiny", dropout_rate=0.1, max_len=32)
+    model = RESUME_MODEL
     config = TrainingConfig(task="copy", steps=4, batch_size=8, max_examples=40,
                             num_buckets=1, log_every=3, eval_every=1000, checkpoint_every=2,
                             eval_examples=8, eval_batch_size=40, lr_schedule="noam",

@@ -17,6 +17,9 @@ CHILD = Path(__file__).with_name("multi_device.py")
 
 def _child(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # The child imports this checkout's package even where it is not installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHILD.parents[1]),
+                                                      env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, str(CHILD), *args], capture_output=True, text=True,
                           env=env, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-4000:]

@@ -105,8 +105,9 @@ def make_train_step(
     parameters made a `base` step 4-25% faster on a 2-core CPU (A/B runs in one process, see
     benchmarks/RESULTS.md) and changed nothing at smaller sizes. Each step then allocates
     fresh parameter buffers (the old ones are freed when the caller drops them). Either way
-    the results are bitwise identical, and `train_step.lower(state, batch)` lowers the step for
-    inspection (`.compile().as_text()` is its HLO).
+    the results are bitwise identical, and `train_step.lower(state, batch)` lowers the program
+    a call with these arguments runs (batch checked and split alike), for inspection
+    (`.compile().as_text()` is its HLO).
 
     `parallel` (see `parallel.py`): data parallel over its devices. The state must be
     replicated on them (`parallel.replicate`) and stays so; each batch is split by rows after
@@ -141,7 +142,7 @@ def make_train_step(
     if donate_params:
         donating = jax.jit(train_step, donate_argnums=0)
         checked_train_step = _checked(donating, parts.config, parallel)
-        checked_train_step.lower = donating.lower
+        checked_train_step.lower = _checked(donating.lower, parts.config, parallel)
         return checked_train_step
 
     def split_step(params, donated, batch):
@@ -165,7 +166,7 @@ def make_train_step(
         return compiled.lower(*arguments(state, batch))
 
     checked_train_step = _checked(train_step_keeping_params, parts.config, parallel)
-    checked_train_step.lower = lower
+    checked_train_step.lower = _checked(lower, parts.config, parallel)  # the program it runs
     return checked_train_step
 
 
