@@ -16,7 +16,10 @@ CHILD = Path(__file__).with_name("multi_device.py")
 
 
 def _child(*args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)
+    # The child sets the device count itself; other flags (conftest.py's) pass on.
+    env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
+                                if not flag.startswith("--xla_force_host_platform_device_count"))
     # The child imports this checkout's package even where it is not installed.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHILD.parents[1]),
                                                       env.get("PYTHONPATH")]))
