@@ -3,10 +3,12 @@
     python -m benchmarks.bench_attention                       # 128 .. 32768, causal and not
     python benchmarks/bench_attention.py --lengths 1024,8192 --causal --impls blockwise,torch
 
-Each (implementation, length, causal) runs in a fresh subprocess so that its peak memory can be
-read: peak RSS (getrusage ru_maxrss) on CPU, `peak_bytes_in_use` of the device on GPU/TPU.
-A run that exceeds --mem-limit-gb or --timeout is reported as OOM / timeout and longer lengths of
-that implementation are skipped. Times: jit compile excluded, median of --repeats calls.
+Each (implementation, length, causal) runs in a fresh subprocess (`attention_case.py`) so that
+its peak memory can be read: peak RSS (getrusage ru_maxrss) on CPU, `peak_bytes_in_use` of the
+device on GPU/TPU. A run that exceeds --mem-limit-gb or --timeout is reported as OOM / timeout
+and longer lengths of that implementation are skipped. Times: jit compile excluded, median of
+--repeats calls; with `--rounds N` the implementations of a length run N times over, in turn,
+and each row is the median of its N runs (on a host whose speed drifts, e.g. a shared VM).
 float32 on CPU, bfloat16 on accelerators. Peers: `jax.nn.dot_product_attention` (its default,
 XLA), on a GPU also its cuDNN fused kernel (`cudnn`: implementation="cudnn"), and PyTorch's
 `scaled_dot_product_attention` (`torch`; fused flash kernels on CPU and CUDA). Prints a markdown
@@ -20,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -29,22 +31,20 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.attention_case import GPU_ONLY  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     cpu_count,
-    describe_jax,
     describe_machine,
     markdown_table,
     positive_float,
     positive_int,
     positive_int_list,
-    time_fn,
     today,
     write_results_section,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 IMPLS = ("vmap", "xla", "dense", "blockwise", "jax.nn", "cudnn", "torch")
-GPU_ONLY = {"cudnn"}  # elsewhere such a case reports "n/a" and is left out of the table
 DTYPES = ("float32", "bfloat16", "float16")  # names both jax.numpy and torch know
 
 
@@ -59,112 +59,6 @@ def impl_list(text: str) -> list[str]:
     return impls
 
 
-# ----------------------------------------------------------------------------- worker side
-def _jax_case(impl, q, k, v, causal, block_size):
-    import jax
-
-    if impl in ("jax.nn", "cudnn"):
-        def attend(q, k, v):
-            return jax.nn.dot_product_attention(
-                q, k, v, is_causal=causal, implementation="cudnn" if impl == "cudnn" else None)
-    else:
-        from flax_transformer.kernels import multi_head_attention
-
-        def attend(q, k, v):
-            return multi_head_attention(q, k, v, causal=causal, implementation=impl,
-                                        block_size=block_size)
-
-    def forward_backward(q, k, v, cotangent):
-        out, pullback = jax.vjp(attend, q, k, v)
-        return out, pullback(cotangent)
-
-    return jax.jit(attend), jax.jit(forward_backward)
-
-
-def _torch_case(arrays, causal, device, dtype):
-    import torch
-    import torch.nn.functional as F
-
-    dtype = getattr(torch, dtype)
-    tq, tk, tv, ct = (torch.from_numpy(x).to(device, dtype).transpose(1, 2).contiguous()
-                      for x in arrays)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def forward(q, k, v):
-        with torch.no_grad():
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        sync()
-        return out
-
-    def forward_backward(q, k, v, cotangent):
-        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        out.backward(cotangent)
-        sync()
-        return out, (q.grad, k.grad, v.grad)
-
-    return forward, forward_backward, (tq, tk, tv), ct
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def run_worker(spec: dict) -> dict:
-    """Time one (impl, length, causal) case in this process; returns a result record.
-
-    The torch worker never imports JAX (and the JAX workers never import torch), so that each
-    peak RSS is one framework's own."""
-    import numpy as np
-
-    shape = (spec["batch"], spec["length"], spec["heads"], spec["head_dim"])
-    rng = np.random.default_rng(0)
-    arrays = [rng.standard_normal(shape, dtype=np.float32) for _ in range(4)]
-    if spec["impl"] == "torch":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        backend = "gpu" if device == "cuda" else "cpu"
-        if spec.get("backend") not in (None, backend):
-            return {"status": "n/a"}  # e.g. JAX on a GPU but a CPU-only torch
-        dtype = spec["dtype"] or ("float32" if device == "cpu" else "bfloat16")
-        forward, forward_backward, args, ct = _torch_case(arrays, spec["causal"], device, dtype)
-    else:
-        import jax
-        import jax.numpy as jnp
-
-        backend = jax.default_backend()
-        if spec["impl"] in GPU_ONLY and backend != "gpu":
-            return {"status": "n/a"}
-        dtype = spec["dtype"] or ("float32" if backend == "cpu" else "bfloat16")
-        q, k, v, ct = (jnp.asarray(x, dtype) for x in arrays)
-        forward, forward_backward = _jax_case(spec["impl"], q, k, v, spec["causal"],
-                                              spec["block_size"])
-        args = (q, k, v)
-    del arrays
-    baseline = _peak_rss()
-    repeats = spec["repeats"]
-    fwd = time_fn(forward, *args, repeats=1, warmup=1)
-    if fwd > 5.0:  # long cases: one timed call each, their noise is small
-        repeats = 1
-    else:
-        fwd = time_fn(forward, *args, repeats=repeats, warmup=0)
-    fwd_bwd = time_fn(forward_backward, *args, ct, repeats=repeats, warmup=1)
-    if backend == "cpu":
-        peak = _peak_rss()
-    elif spec["impl"] == "torch":
-        import torch
-
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0)
-    return {"status": "ok", "fwd_s": fwd, "fwd_bwd_s": fwd_bwd, "peak_bytes": peak,
-            "baseline_bytes": baseline if backend == "cpu" else 0, "repeats": repeats,
-            "dtype": dtype, "backend": backend,
-            "jax": None if spec["impl"] == "torch" else describe_jax()}
-
-
-# ----------------------------------------------------------------------------- driver side
 def _rss_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -178,7 +72,7 @@ def _rss_bytes(pid: int) -> int:
 
 def run_case(spec: dict, timeout: float, mem_limit: float) -> dict:
     """Run one case in a fresh subprocess, killing it past `timeout` s or `mem_limit` bytes."""
-    cmd = [sys.executable, "-m", "benchmarks.bench_attention", "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "benchmarks.attention_case", json.dumps(spec)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -290,40 +184,69 @@ def save_plot(results: dict, lengths, impls, causals, out: Path) -> bool:
     return True
 
 
+def merge_rounds(runs: list[dict]) -> dict:
+    """One case's result from its rounds: the first failure if a round failed, else the
+    median times over the rounds and the largest peak memory."""
+    failed = next((r for r in runs if r["status"] != "ok"), None)
+    if failed is not None or len(runs) == 1:
+        return failed or runs[0]
+    merged = dict(runs[0], rounds=len(runs),
+                  peak_bytes=max(r["peak_bytes"] for r in runs),
+                  baseline_bytes=min(r["baseline_bytes"] for r in runs))
+    for key in ("fwd_s", "fwd_bwd_s"):
+        merged[key] = statistics.median(r[key] for r in runs)
+    return merged
+
+
 def run_all(args, lengths, impls, causals, on_length_done=None) -> dict:
     """Every (impl, length, causal) in its own subprocess. The implementations of one length run
-    back to back, so that their ratios share the machine's state (other load, temperature).
+    back to back, so that their ratios share the machine's state (other load, temperature);
+    with `args.rounds` > 1 they do so round after round, and each case reports the median of
+    its rounds (`merge_rounds`): a slow spell of the machine then moves one round's sample,
+    not one implementation's row.
     `on_length_done(results)` is called after each length, so a run cut short keeps its rows."""
     results, stopped, last = {}, {}, {}
     for causal in causals:
         for length in lengths:
             if on_length_done is not None and results:
                 on_length_done(results)
-            for impl in impls:
-                key = (impl, causal)
-                backend = _backend(results, default=None)
-                if impl in GPU_ONLY and backend not in (None, "gpu"):
-                    results[(impl, length, causal)] = {"status": "n/a"}
-                    continue
-                prev = last.get(key)
-                if key not in stopped and prev is not None:
-                    # next case ~ (T'/T)^2 x (1 warm-up + 1 timed call of fwd and of fwd+bwd)
-                    estimate = 2 * (prev["fwd_s"] + prev["fwd_bwd_s"]) * (length / prev["T"]) ** 2
-                    if estimate > args.timeout:
-                        stopped[key] = f"est. {estimate:.0f} s > timeout"
-                if key in stopped:
-                    results[(impl, length, causal)] = {"status": f"skip ({stopped[key]})"}
-                    print(f"causal={causal!s:5} T={length:6} {impl:9}: skip", flush=True)
-                    continue
-                spec = dict(impl=impl, length=length, causal=causal, batch=args.batch,
-                            heads=args.heads, head_dim=args.head_dim, repeats=args.repeats,
-                            block_size=args.block_size, dtype=args.dtype, backend=backend)
-                r = run_case(spec, args.timeout, args.mem_limit_gb * 2**30)
+            runs = {}  # impl -> its results so far at this length
+            for round_index in range(args.rounds):
+                for impl in impls:
+                    key = (impl, causal)
+                    if round_index > 0 and (impl not in runs or
+                                            runs[impl][-1]["status"] != "ok"):
+                        continue  # skipped, n/a or failed in an earlier round
+                    backend = _backend(results, default=None)
+                    if impl in GPU_ONLY and backend not in (None, "gpu"):
+                        results[(impl, length, causal)] = {"status": "n/a"}
+                        continue
+                    prev = last.get(key)
+                    if key not in stopped and prev is not None:
+                        # next case ~ (T'/T)^2 x (1 warm-up + 1 timed call of fwd and fwd+bwd)
+                        estimate = (2 * (prev["fwd_s"] + prev["fwd_bwd_s"])
+                                    * (length / prev["T"]) ** 2)
+                        if estimate > args.timeout:
+                            stopped[key] = f"est. {estimate:.0f} s > timeout"
+                    if key in stopped:
+                        results[(impl, length, causal)] = {"status": f"skip ({stopped[key]})"}
+                        print(f"causal={causal!s:5} T={length:6} {impl:9}: skip", flush=True)
+                        continue
+                    spec = dict(impl=impl, length=length, causal=causal, batch=args.batch,
+                                heads=args.heads, head_dim=args.head_dim, repeats=args.repeats,
+                                block_size=args.block_size, dtype=args.dtype, backend=backend)
+                    r = run_case(spec, args.timeout, args.mem_limit_gb * 2**30)
+                    runs.setdefault(impl, []).append(r)
+                    results[(impl, length, causal)] = r  # the rounds' merge replaces it below
+                    shown = (f"fwd {_ms(r['fwd_s'])} ms, fwd+bwd {_ms(r['fwd_bwd_s'])} ms, "
+                             f"peak {r['peak_bytes'] / 2**20:.0f} MiB" if r["status"] == "ok"
+                             else r["status"])
+                    which = f" (round {round_index + 1}/{args.rounds})" if args.rounds > 1 else ""
+                    print(f"causal={causal!s:5} T={length:6} {impl:9}: {shown}{which}",
+                          flush=True)
+            for impl, impl_runs in runs.items():
+                key, r = (impl, causal), merge_rounds(impl_runs)
                 results[(impl, length, causal)] = r
-                shown = (f"fwd {_ms(r['fwd_s'])} ms, fwd+bwd {_ms(r['fwd_bwd_s'])} ms, "
-                         f"peak {r['peak_bytes'] / 2**20:.0f} MiB" if r["status"] == "ok"
-                         else r["status"])
-                print(f"causal={causal!s:5} T={length:6} {impl:9}: {shown}", flush=True)
                 if r["status"] in ("OOM", "timeout") or r["status"].startswith("error"):
                     stopped[key] = f"{r['status'].split(' ')[0]} at {length}"
                 elif r["status"] == "ok":
@@ -333,7 +256,6 @@ def run_all(args, lengths, impls, causals, on_length_done=None) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--min-len", type=positive_int, default=128,
                    help="shortest length (128); lengths double up to --max-len")
     p.add_argument("--max-len", type=positive_int, default=32768, help="longest length (32768)")
@@ -347,6 +269,10 @@ def parse_args(argv=None):
     p.add_argument("--impls", type=impl_list, default=",".join(IMPLS),
                    help=f"comma-separated, from {', '.join(IMPLS)} (default: all)")
     p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--rounds", type=positive_int, default=1,
+                   help="run each length's implementations this many times over, in turn, "
+                        "and report each one's median (1): ratios that a slow spell of the "
+                        "machine moves less")
     p.add_argument("--block-size", type=positive_int, default=512)
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="default float32 on CPU, bfloat16 elsewhere")
@@ -372,9 +298,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.worker:
-        print("RESULT " + json.dumps(run_worker(json.loads(args.worker))), flush=True)
-        return
     if args.lengths:
         lengths = sorted(set(args.lengths))
     else:
@@ -421,16 +344,19 @@ def report_body(args, results, lengths, impls, causals, load_start) -> str:
         f"- command: `{command}`",
         f"- 1-minute load average at start / end: {load_start:.1f} / {load_end:.1f} "
         f"({cpu_count()} cores; other jobs inflate absolute times, ratios are taken between "
-        "runs of one length, back to back)",
+        "runs of one length, back to back"
+        + (f", and each time is the median of {args.rounds} such rounds)" if args.rounds > 1
+           else ")"),
         f"- shapes: batch {args.batch}, heads {args.heads}, head dim {args.head_dim}, {dtype}; "
         f"blockwise block_size {args.block_size} (query blocks {args.block_size}, key blocks "
         f"{max(args.block_size // 2, 1)})",
         "- times in ms (jit compile excluded, median); ratios are time / peer time "
         "(< 1 = faster than the peer); memory: "
-        + ("peak RSS of the whole process (a fresh one per row; in brackets its peak before "
-           "the first call: runtime + inputs)" if backend == "cpu" else
-           "the device allocator's peak bytes in use (a fresh process per row; inputs "
-           "included)"),
+        + ("peak RSS of the whole process (a fresh one per row and round, the largest of the "
+           "rounds; in brackets its peak before the first call: runtime + inputs)"
+           if backend == "cpu" else
+           "the device allocator's peak bytes in use (a fresh process per row and round, the "
+           "largest of the rounds; inputs included)"),
         "",
         table,
     ])

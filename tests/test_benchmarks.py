@@ -105,6 +105,41 @@ def test_bench_attention_keeps_finished_lengths_when_cut_short(tmp_path, monkeyp
     assert ("cudnn", 128) not in calls and "cudnn" not in text
 
 
+def test_bench_attention_rounds_interleave_and_report_medians(monkeypatch, capsys):
+    """--rounds 3: each length's implementations run in turn three times; a row holds each
+    one's median (a slow spell in one round moves nothing), and a case that fails in a round
+    is reported failed and not run again."""
+    from benchmarks import bench_attention
+
+    calls = []
+    fwd = {("blockwise", 128): [0.5, 0.6, 5.0], ("jax.nn", 128): [1.0, 1.1, 0.9],
+           ("blockwise", 256): [2.0, 2.2, 2.1], ("jax.nn", 256): [4.0, None, 4.0]}
+
+    def fake_case(spec, timeout, mem_limit):
+        case = (spec["impl"], spec["length"])
+        calls.append(case)
+        seconds = fwd[case][sum(c == case for c in calls) - 1]
+        if seconds is None:
+            return {"status": "OOM"}
+        return {"status": "ok", "fwd_s": seconds, "fwd_bwd_s": 3 * seconds,
+                "peak_bytes": 2**20 * len(calls), "baseline_bytes": 0, "repeats": 1,
+                "dtype": "float32", "backend": "cpu", "jax": "JAX (test) on cpu"}
+
+    monkeypatch.setattr(bench_attention, "run_case", fake_case)
+    bench_attention.main(["--lengths", "128,256", "--causal", "--impls", "blockwise,jax.nn",
+                          "--rounds", "3", "--no-results"])
+    assert calls == [("blockwise", 128), ("jax.nn", 128)] * 3 + [
+        ("blockwise", 256), ("jax.nn", 256), ("blockwise", 256), ("jax.nn", 256),
+        ("blockwise", 256)]
+    out = capsys.readouterr().out
+    assert "T=   128 blockwise: fwd 5000.0 ms, fwd+bwd 15000.0 ms, peak 5 MiB (round 3/3)" in out
+    # medians: blockwise 0.6 s, jax.nn 1.0 s; the peak is the largest of the rounds' (5 MiB)
+    assert "| True | 128 | blockwise | 600.0 | 1800.0 | 5 | 0.60 | 0.60 | - |" in out
+    assert "| True | 128 | jax.nn | 1000.0 | 3000.0 |" in out
+    assert "| True | 256 | blockwise | 2100.0 |" in out and "| True | 256 | jax.nn | OOM |" in out
+    assert "the median of 3 such rounds" in out
+
+
 def test_torch_peer_refuses_cuda_it_does_not_have(capsys):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
@@ -231,7 +266,8 @@ def test_bench_train_uses_the_best_peak_of_the_run(monkeypatch, capsys):
 @pytest.mark.parametrize("flag, value", [
     ("--min-len", "0"), ("--min-len", "-8"), ("--min-len", "abc"), ("--max-len", "0"),
     ("--lengths", "abc"), ("--lengths", "128,0"), ("--lengths", ","), ("--batch", "0"),
-    ("--heads", "0"), ("--head-dim", "-1"), ("--repeats", "0"), ("--block-size", "0"),
+    ("--heads", "0"), ("--head-dim", "-1"), ("--repeats", "0"), ("--rounds", "0"),
+    ("--block-size", "0"),
     ("--timeout", "0"), ("--timeout", "nan"), ("--mem-limit-gb", "-1"), ("--impls", "nope"),
     ("--impls", ","), ("--dtype", "int8"),
 ])
