@@ -41,7 +41,7 @@ _CHILD_CACHE_LIMIT = 64 * 2**30  # bytes; any limit turns the lock on
 # and backward: 0.9 s instead of 3.2) for slower machine code: LLVM at -O0 and XLA's older
 # loop emitters instead of its MLIR fusion emitters. They change how an HLO program becomes
 # machine code, not the program: results agree up to float rounding (a run's steps are as
-# reproducible as ever). With them the suite takes 6 min instead of 15 on 2 cores (Zen 3).
+# reproducible as ever). With them the suite took 6-8 min instead of 15 on 2 cores (Zen 3).
 # FT_TEST_FAST_COMPILE=0 runs it with XLA's defaults, as users compile; CI (.ci/run) runs the
 # kernel tests that way too.
 _FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
