@@ -141,3 +141,17 @@ def test_a_run_reports_and_serves_the_averaged_model(tmp_path, monkeypatch):
     # scoring the run again reads the same averaged model
     again = evaluate_run(tmp_path)["test"]
     assert again["sequence_accuracy"] == summary["test"]["sequence_accuracy"]
+
+
+def test_a_run_with_fewer_checkpoints_than_asked_says_so(tmp_path, capsys):
+    config = TrainingConfig(task="copy", steps=4, batch_size=8, max_examples=40, num_buckets=1,
+                            log_every=4, eval_every=1000, checkpoint_every=2,
+                            keep_checkpoints=3, average_checkpoints=3, eval_examples=8,
+                            eval_batch_size=40, lr_schedule="constant", learning_rate=5e-3,
+                            warmup_steps=0, seed=1, tensorboard=False)
+    summary = train(MODEL, config, tmp_path, progress=False)
+    assert summary["averaged_steps"] == [2, 4]
+    err = capsys.readouterr().err
+    assert "holds 2 checkpoint(s) up to step 4, fewer than average_checkpoints=3" in err
+    raw = _raw_params(tmp_path, [2, 4])
+    assert _max_difference(latest_state(tmp_path)[1].params, mean_params(raw)) == 0.0
