@@ -112,6 +112,15 @@ def _max_difference(a, b) -> float:
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def _averaging_run(steps: int) -> TrainingConfig:
+    """A tiny copy run checkpointing every 2 steps, its model the mean of the last 3."""
+    return TrainingConfig(task="copy", steps=steps, batch_size=8, max_examples=40,
+                          num_buckets=1, log_every=4, eval_every=1000, checkpoint_every=2,
+                          keep_checkpoints=3, average_checkpoints=3, eval_examples=8,
+                          eval_batch_size=40, lr_schedule="constant", learning_rate=5e-3,
+                          warmup_steps=0, seed=1, tensorboard=False)
+
+
 def test_a_run_reports_and_serves_the_averaged_model(tmp_path, monkeypatch):
     scored = []  # the parameters each evaluation (validation, then test) was given
 
@@ -120,12 +129,7 @@ def test_a_run_reports_and_serves_the_averaged_model(tmp_path, monkeypatch):
         return evaluation.evaluate(model, eval_step, params, *args)
 
     monkeypatch.setattr(loop_module, "evaluate", recording)
-    config = TrainingConfig(task="copy", steps=8, batch_size=8, max_examples=40, num_buckets=1,
-                            log_every=4, eval_every=1000, checkpoint_every=2,
-                            keep_checkpoints=3, average_checkpoints=3, eval_examples=8,
-                            eval_batch_size=40, lr_schedule="constant", learning_rate=5e-3,
-                            warmup_steps=0, seed=1, tensorboard=False)
-    summary = train(MODEL, config, tmp_path, progress=False)
+    summary = train(MODEL, _averaging_run(steps=8), tmp_path, progress=False)
     assert summary["averaged_steps"] == [4, 6, 8]
 
     raw = _raw_params(tmp_path, [4, 6, 8])
@@ -144,12 +148,7 @@ def test_a_run_reports_and_serves_the_averaged_model(tmp_path, monkeypatch):
 
 
 def test_a_run_with_fewer_checkpoints_than_asked_says_so(tmp_path, capsys):
-    config = TrainingConfig(task="copy", steps=4, batch_size=8, max_examples=40, num_buckets=1,
-                            log_every=4, eval_every=1000, checkpoint_every=2,
-                            keep_checkpoints=3, average_checkpoints=3, eval_examples=8,
-                            eval_batch_size=40, lr_schedule="constant", learning_rate=5e-3,
-                            warmup_steps=0, seed=1, tensorboard=False)
-    summary = train(MODEL, config, tmp_path, progress=False)
+    summary = train(MODEL, _averaging_run(steps=4), tmp_path, progress=False)
     assert summary["averaged_steps"] == [2, 4]
     err = capsys.readouterr().err
     assert "holds 2 checkpoint(s) up to step 4, fewer than average_checkpoints=3" in err
