@@ -129,12 +129,16 @@ class Checkpointer:
     def average_with(self, state: TrainState, count: int) -> tuple[TrainState, list[int]]:
         """(state, steps): `state` (the checkpoint of its step, in memory) with its parameters
         replaced by their mean with those of the checkpoints before it, `count` in all or
-        fewer when fewer are on disk, and the steps averaged."""
+        fewer (with a warning on stderr) when fewer are on disk, and the steps averaged."""
         check_average_count(count)
         last = int(jax.device_get(state.step))
         if count == 1:
             return state, [last]
         steps = [s for s in sorted(self.all_steps()) if s < last][-(count - 1):] + [last]
+        if len(steps) < count:
+            print(f"warning: {self.workdir / CHECKPOINT_DIR} holds {len(steps)} checkpoint(s) "
+                  f"up to step {last}, fewer than average_checkpoints={count}; using the mean "
+                  "of those (a smaller --checkpoint-every writes more)", file=sys.stderr)
         if len(steps) == 1:
             return state, steps
         trees = [state.params]

@@ -296,11 +296,6 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
         checkpointer.save(state)
 
     final, averaged = checkpointer.average_with(state, config.average_checkpoints)
-    if len(averaged) < config.average_checkpoints:
-        print(f"warning: {workdir / 'checkpoints'} holds {len(averaged)} checkpoint(s) up to "
-              f"step {final_step}, fewer than average_checkpoints={config.average_checkpoints}; "
-              "the test report uses the mean of those (a smaller --checkpoint-every writes "
-              "more)", file=sys.stderr)
     final_params = final.params if parallel is None else parallel.replicate(final.params)
     test_results: dict[str, float] = {}
     if task.test:

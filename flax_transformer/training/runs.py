@@ -5,7 +5,6 @@ for fine-tuning (`TrainingConfig.init_from`)."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,14 +62,10 @@ def latest_state(workdir: str | Path, config_overrides: dict[str, Any] | None = 
     try:
         parts, params = init_model(model_config, config.seed)
         tx, _ = make_optimizer(config, model_config.d_model)
-        state, steps = checkpointer.restore_average(init_train_state(params, tx, config.seed),
-                                                    config.average_checkpoints)
+        state, _ = checkpointer.restore_average(init_train_state(params, tx, config.seed),
+                                                config.average_checkpoints)
     finally:
         checkpointer.close()
-    if len(steps) < config.average_checkpoints:
-        print(f"warning: {workdir} holds {len(steps)} checkpoint(s) up to step {steps[-1]}, "
-              f"fewer than average_checkpoints={config.average_checkpoints}; using the mean "
-              f"of those", file=sys.stderr)
     return parts, state, model_config, config
 
 
