@@ -257,9 +257,15 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
         config = config.replace(**training_overrides)
     for name in ("train_file", "valid_file", "test_file", "data_dir"):
         path = training_overrides.get(name)
-        if path is not None and not Path(path).exists():
-            raise ValueError(f"--{name.replace('_', '-')} {path}: no such "
-                             f"{'directory' if name == 'data_dir' else 'file'}")
+        want = "directory" if name == "data_dir" else "file"
+        if path is None:
+            continue
+        if not Path(path).exists():
+            raise ValueError(f"--{name.replace('_', '-')} {path}: no such {want}")
+        if (Path(path).is_dir()) != (name == "data_dir"):
+            raise ValueError(f"--{name.replace('_', '-')} {path} is not a {want}; give a "
+                             + ("directory that holds the task's data file" if name == "data_dir"
+                                else "source<TAB>target file"))
 
     summary = train(model_config, config, workdir, resume=args.resume,
                     overwrite=args.overwrite, progress=not args.no_progress)

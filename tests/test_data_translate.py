@@ -44,11 +44,14 @@ def test_read_tsv(tmp_path):
     assert read_parallel_tsv(path) == list(zip(GERMAN, ENGLISH))
 
 
-@pytest.mark.parametrize("bad", ["no tab here", "\tempty source", "empty target\t", "a\tb\tc"])
-def test_malformed_tsv_names_file_and_line(tmp_path, bad):
+@pytest.mark.parametrize("bad, found", [
+    ("no tab here", "found no tab"), ("\tempty source", "the source is empty"),
+    ("empty target\t", "the target is empty"),
+    ("a\tb\tc", "found 3 tab-separated fields"), ("a\tb\t", "a stray or trailing tab")])
+def test_malformed_tsv_names_file_and_line_and_what_it_found(tmp_path, bad, found):
     path = tmp_path / "bad.tsv"
     path.write_text(f"gut\tgood\n{bad}\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=f"{path}:2: expected 'source<TAB>target'"):
+    with pytest.raises(ValueError, match=f"{path}:2: expected 'source<TAB>target', .*{found}"):
         read_parallel_tsv(path)
 
 

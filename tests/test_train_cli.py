@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -163,6 +164,13 @@ def test_workdirs_that_are_not_runs_are_left_alone(capsys, tmp_path):
     (other / "checkpoints" / "model.pt").write_text("not ours")
     _one_error_line(capsys, SMALL + ["--workdir", str(other), "--overwrite"], "not a run")
     assert (other / "checkpoints" / "model.pt").read_text() == "not ours"
+    # Without --overwrite a new run would have written over them: refused the same way.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "metrics.jsonl").write_text("my notes\n")
+    line = _one_error_line(capsys, SMALL + ["--workdir", str(notes)], "not a run")
+    assert "neither overwrite nor delete" in line
+    assert (notes / "metrics.jsonl").read_text() == "my notes\n"
 
 
 def test_a_model_too_large_for_memory_is_refused_before_allocating(capsys, tmp_path):
@@ -372,3 +380,59 @@ def test_a_missing_data_file_names_its_flag(capsys, tmp_path):
                              "--workdir", str(tmp_path / "w")], "--train-file")
     _one_error_line(capsys, ["--task", "g2p", "--data-dir", str(tmp_path / "none"),
                              "--workdir", str(tmp_path / "w")], "--data-dir")
+    a_file = tmp_path / "pairs.tsv"
+    a_file.write_text("a\tb\n")
+    _one_error_line(capsys, ["--task", "translate", "--train-file", str(tmp_path),
+                             "--workdir", str(tmp_path / "w")],
+                    f"--train-file {tmp_path} is not a file; give a source<TAB>target file")
+    _one_error_line(capsys, ["--task", "g2p", "--data-dir", str(a_file),
+                             "--workdir", str(tmp_path / "w")],
+                    f"--data-dir {a_file} is not a directory")
+    _one_error_line(capsys, ["--task", "g2p", "--data-dir", str(tmp_path),
+                             "--workdir", str(tmp_path / "w")],
+                    f"data_dir {tmp_path} holds no cmudict.dict")
+    assert not (tmp_path / "w").exists()
+
+
+def _dictionary(directory, words, stress="1"):
+    """A CMUdict file of `words` (spelled out letter by letter) in `directory`."""
+    directory.mkdir(exist_ok=True)
+    lines = [f"{w} {' '.join(c.upper() + stress for c in w)}" for w in words]
+    (directory / "cmudict.dict").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+G2P_SMALL = ["--task", "g2p", "--steps", "2", "--batch-size", "8", "--num-buckets", "1",
+             "--eval-every", "1000", "--checkpoint-every", "2", "--decode", "greedy",
+             "--d-model", "32", "--d-ff", "64", "--num-heads", "2", "--num-encoder-layers", "1",
+             "--num-decoder-layers", "1", "--no-progress", "--no-tensorboard"]
+
+
+def test_resume_refuses_data_that_changed_since_the_run_started(capsys, tmp_path):
+    words = [a + b + c for a in "abcd" for b in "efg" for c in "hij"]  # 36 words
+    data, run = _dictionary(tmp_path / "data", words), tmp_path / "run"
+    assert train_cli.main(G2P_SMALL + ["--data-dir", str(data), "--workdir", str(run)]) == 0
+    capsys.readouterr()
+    _dictionary(data, words + ["klm", "nop", "qrs", "tuv"])  # the file grew
+    line = _one_error_line(capsys, ["--resume", "--steps", "4", "--workdir", str(run)],
+                           "changed since it started")
+    assert "examples then" in line and "--init-from" in line
+    # Scoring the run on changed data works, with a warning naming the splits scored.
+    assert train_cli.main(["--evaluate", "--workdir", str(run)]) == 0
+    assert "changed" not in capsys.readouterr().err  # the new words are all in train
+    _dictionary(data, words, stress="2")
+    assert train_cli.main(["--evaluate", "--workdir", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "the data changed since the run" in err and "with other contents" in err
+    assert "train:" not in err
+    _dictionary(data, words)  # restored: the run continues
+    assert train_cli.main(["--resume", "--steps", "4", "--workdir", str(run)]) == 0
+
+
+def test_evaluation_examples_cut_to_max_len_are_reported(capsys, tmp_path):
+    assert train_cli.main(SMALL + ["--steps", "2", "--max-len", "12", "--workdir",
+                                   str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: \d+ valid / \d+ test examples are longer than max_len=12", err)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["cut_to_max_len"]["valid"] > 0 and summary["cut_to_max_len"]["train"] > 0

@@ -377,6 +377,7 @@ def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(tmp_path):
 
 
 def test_a_fresh_start_replaces_the_logs_of_one_that_saved_nothing(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # written as a run starts, before its logs
     (tmp_path / "metrics.jsonl").write_text('{"split": "train", "step": 250}\n')
     _resume_run(tmp_path, 3)
     steps = [json.loads(line)["step"] for line in
@@ -402,3 +403,33 @@ def test_an_unreadable_checkpoint_is_moved_aside_when_its_step_is_saved_again(tm
     checkpointer = Checkpointer(tmp_path, create=False, keep=5)
     assert 4 in checkpointer.all_steps() and checkpointer.latest_step() == 6
     checkpointer.close()
+
+
+def test_a_diverging_run_stops_before_its_lost_weights_overwrite_a_checkpoint(tmp_path):
+    _resume_run(tmp_path, 2)  # a healthy start, checkpoint 2
+    config = TrainingConfig(task="copy", steps=12, batch_size=8, max_examples=40,
+                            num_buckets=1, log_every=5, eval_every=1000, checkpoint_every=1,
+                            eval_examples=8, eval_batch_size=40, lr_schedule="constant",
+                            learning_rate=1e30, seed=3)
+    with pytest.raises(loop.TrainingDiverged, match=r"training diverged by step \d+: the "
+                       r"loss or gradient norm is not finite .*the checkpoint of step \d+ is "
+                       r"kept; lower the rate and continue with --resume"):
+        train(RESUME_MODEL, config, tmp_path, resume=True, progress=False)
+    checkpointer = Checkpointer(tmp_path, create=False, keep=20)
+    steps = checkpointer.all_steps()
+    checkpointer.close()
+    assert steps and max(steps) < 12
+    for step in steps:  # every saved step is whole: nothing non-finite was written
+        state = _final_state(tmp_path, 12)
+        checkpointer = Checkpointer(tmp_path, create=False, keep=20)
+        state = checkpointer.restore(state, step=step)
+        checkpointer.close()
+        assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state.params))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] > 2 and records[-1]["loss"] is None
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2  # the healthy run's
+
+
+def test_strict_json_summary_values():
+    assert loop._strict({"a": float("nan"), "b": [1.0, float("inf")], "c": "x", "d": 2}) == {
+        "a": None, "b": [1.0, None], "c": "x", "d": 2}

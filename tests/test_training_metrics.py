@@ -25,14 +25,28 @@ def test_resume_drops_records_an_interrupted_run_wrote_after_its_checkpoint(tmp_
         for step in (10, 20, 30, 40):
             writer.write("train", step, {"loss": 1.0 / step})
         writer.write("valid", 20, {"loss": 0.5})
-    with open(tmp_path / METRICS_FILE, "a") as f:
-        f.write("not a record\n")
     with MetricsWriter(tmp_path, start_step=20) as writer:  # resumed with log_every 15
         writer.write("train", 35, {"loss": 0.03})
-    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
-    assert "not a record" in lines
-    steps = [json.loads(line)["step"] for line in lines if line != "not a record"]
+    steps = [json.loads(line)["step"]
+             for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     assert steps == [10, 20, 20, 35]
+
+
+def test_a_line_cut_off_by_a_killed_run_is_dropped_not_glued_to_the_next(tmp_path, capsys):
+    with MetricsWriter(tmp_path) as writer:
+        writer.write("train", 10, {"loss": 1.0})
+    with open(tmp_path / METRICS_FILE, "a") as f:
+        f.write('not a record\n{"split": "train", "st')  # killed while writing step 20
+    assert [r["step"] for r in read_metrics(tmp_path / METRICS_FILE)] == [10]
+    warnings = capsys.readouterr().err
+    assert f"{METRICS_FILE}:2: not a metrics record, skipped" in warnings
+    assert f"{METRICS_FILE}:3: not a metrics record" in warnings
+    with MetricsWriter(tmp_path, start_step=10) as writer:  # resumed from step 10
+        writer.write("train", 20, {"loss": 0.5})
+    assert "dropped" in capsys.readouterr().err
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [10, 20]
+    assert plot_curves(tmp_path).stat().st_size > 0
 
 
 def test_non_finite_values_are_written_as_null(tmp_path):

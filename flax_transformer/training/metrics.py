@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -91,17 +92,35 @@ class MetricsWriter:
         self.close()
 
 
+def _parse_record(line: str) -> dict[str, Any] | None:
+    """The record on one line of a metrics file, None if the line is not one (e.g. the half
+    line of a process killed while writing it)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if (not isinstance(record, dict) or not isinstance(record.get("split"), str)
+            or not isinstance(record.get("step"), int)):
+        return None
+    return record
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Records of a JSONL metrics file; for a step logged twice (a run resumed from an older
-    checkpoint) the later record wins."""
+    checkpoint) the later record wins. A line that is not a record is skipped with a warning
+    naming it."""
     records: dict[tuple[str, int], dict[str, Any]] = {}
     path = Path(path)
     if not path.is_file():
         return []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            records[(record["split"], record["step"])] = record
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = _parse_record(line)
+        if record is None:
+            print(f"warning: {path}:{lineno}: not a metrics record, skipped", file=sys.stderr)
+            continue
+        records[(record["split"], record["step"])] = record
     return sorted(records.values(), key=lambda r: (r["step"], r["split"]))
 
 
@@ -112,16 +131,20 @@ def _series(records, split: str, name: str) -> tuple[list[int], list[float]]:
 
 
 def _drop_records_after(path: Path, step: int) -> None:
-    """Rewrites the JSONL file at `path` without the records whose step is > `step` (lines
-    that are not records are kept as they are)."""
+    """Rewrites the JSONL file at `path` without the records whose step is > `step`, and
+    without lines that are not records (a process killed while writing one leaves half a
+    line, which the next record would be glued to), each dropped with a warning."""
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            record_step = int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            record_step = None
-        if record_step is None or record_step <= step:
-            kept.append(line)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = _parse_record(line)
+        if record is None:
+            print(f"warning: {path}:{lineno}: not a metrics record (cut off while it was "
+                  "written?), dropped", file=sys.stderr)
+        elif record["step"] <= step:
+            kept.append(line + "\n")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
     tmp.replace(path)

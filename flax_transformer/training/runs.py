@@ -5,6 +5,7 @@ for fine-tuning (`TrainingConfig.init_from`)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,12 +16,13 @@ import numpy as np
 from flax import nnx
 
 from ..config import TransformerConfig
-from ..data import Task, load_task, restore_task
+from ..data import Task, changed_splits, load_task, restore_task
 from ..decoding import ensemble_members
 from .checkpoint import Checkpointer, load_run_config, tokenizer_dir
 from .config import TrainingConfig
 from .evaluate import (
     EvalSet,
+    cut_warning,
     decode_examples,
     eval_batch_size,
     eval_bucket_lengths,
@@ -174,6 +176,10 @@ def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = ()
         for member in [*ensemble_members(decoder), *(scorer.model for scorer in scorers)]:
             nnx.update(member, devices.replicate(nnx.state(member)))
     task = build_task(config, tokenizer_dir(workdir))
+    changed = changed_splits(task, tokenizer_dir(workdir), splits)
+    if changed:
+        print(f"warning: the data changed since the run in {workdir} started "
+              f"({'; '.join(changed)}); it is scored on the data as it is now", file=sys.stderr)
     chosen = {split: task.split(split) for split in splits}
     chosen = {split: examples for split, examples in chosen.items() if examples}
     lengths = (eval_bucket_lengths(list(chosen.values()), config.eval_buckets, max_len)
@@ -184,6 +190,9 @@ def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = ()
                            eval_batch_size(config.eval_batch_size, list(chosen.values()),
                                            1 if devices is None else devices.size),
                            reverse_target=config.reverse_target)
+        warning = cut_warning({split: eval_set.cut}, max_len)
+        if warning:
+            print(warning, file=sys.stderr)
         start = time.perf_counter()
         predictions = (rescored_predictions(decoder, scorers, eval_set, config, devices)
                        if scorers else decode_examples(decoder, eval_set, config, devices))
