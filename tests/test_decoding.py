@@ -291,8 +291,44 @@ def test_ensembles_refuse_models_that_do_not_fit_together():
         beam_search([model, "model"], SRC, max_len=4)
     with pytest.raises(ValueError, match="TransformerConfig.max_len=8"):
         beam_search([model, model_for(0, max_len=8)], SRC, max_len=10)
-    with pytest.raises(ValueError, match="src_tokens holds token ids"):
+    with pytest.raises(ValueError, match=r"ensemble member 1 \(of 2\): src_tokens holds token ids"):
         beam_search([model, model_for(0, src_vocab_size=10)], SRC, max_len=4)
+    with pytest.raises(ValueError, match=r"ensemble member 2 \(of 3\): max_len=10 exceeds"):
+        beam_search([model, model, model_for(0, max_len=8)], SRC, max_len=10)
+
+
+def test_an_input_done_early_keeps_its_result_whatever_its_batch():
+    """early_stopping=True: an input is done at its K-th finished hypothesis; the steps that
+    the batch's other inputs still take must not change its result (a small vocabulary
+    makes eos likely, so inputs finish at different steps)."""
+    model = model_for(2, tgt_vocab_size=6)
+    options = dict(beam_size=2, max_len=MAX_LEN, early_stopping=True, return_all_beams=True)
+    batch_tokens, batch_scores = beam_search(model, SRC, **options)
+    for row in range(len(SRC)):
+        tokens, scores = beam_search(model, SRC[row:row + 1], **options)
+        np.testing.assert_allclose(scores[0], batch_scores[row], rtol=1e-5)
+        width = tokens.shape[-1]
+        np.testing.assert_array_equal(tokens[0], batch_tokens[row, :, :width])
+        assert np.all(batch_tokens[row, :, width:] == PAD_ID)
+
+
+def test_step_logits_after_a_rows_eos_are_zeros_whatever_its_batch():
+    model = model_for(4, tgt_vocab_size=6)  # its rows end after 8, 3 and 1 tokens
+    tokens, logits = greedy_decode(model, SRC, max_len=MAX_LEN, return_logits=True)
+    lengths = [int(np.flatnonzero(row == EOS_ID)[0]) + 1 if EOS_ID in row else len(row)
+               for row in tokens]
+    assert len(set(lengths)) > 1  # rows end at different steps
+    for row, length in enumerate(lengths):
+        assert np.all(logits[row, length:] == 0) and np.all(logits[row, :length] != 0)
+        alone, alone_logits = greedy_decode(model, SRC[row:row + 1], max_len=MAX_LEN,
+                                            return_logits=True)
+        np.testing.assert_allclose(alone_logits[0], logits[row, :alone.shape[1]], atol=1e-5)
+
+
+def test_decoding_inside_jit_is_refused_with_a_clear_error():
+    model = model_for(0)
+    with pytest.raises(ValueError, match="src_tokens is traced.*call it outside jit"):
+        jax.jit(lambda src: greedy_decode(model, src, max_len=4))(jnp.asarray(SRC))
 
 
 def test_sampling_top_k_one_is_greedy():
@@ -358,6 +394,7 @@ def test_filter_logits_top_k_and_top_p():
     (lambda m: sample_decode(m, SRC, rng=jax.random.key(0), max_len=4, top_p=0.0), "top_p"),
     (lambda m: sample_decode(m, SRC, rng="seed", max_len=4), "rng must be"),
     (lambda m: m.init_cache(m.encode(jnp.asarray(SRC)), None, 17), "max_len"),
+    (lambda m: m.init_cache(m.encode(jnp.asarray(SRC)), None, True), "max_len"),
 ])
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
@@ -377,8 +414,13 @@ def test_first_argmax_matches_jnp_argmax():
 def test_sampling_at_a_tiny_temperature_is_greedy():
     model = model_for()
     greedy = greedy_decode(model, SRC, max_len=MAX_LEN)
-    cold = sample_decode(model, SRC, rng=jax.random.key(3), max_len=MAX_LEN, temperature=1e-38)
+    cold = sample_decode(model, SRC, rng=jax.random.key(3), max_len=MAX_LEN, temperature=2e-38)
     np.testing.assert_array_equal(cold, greedy)
+    # Below float32's smallest normal number the division would give NaN: refused.
+    with pytest.raises(ValueError, match="below float32's smallest normal number"):
+        sample_decode(model, SRC, rng=jax.random.key(3), max_len=MAX_LEN, temperature=1e-38)
+    with pytest.raises(ValueError, match="below float32's smallest normal number"):
+        filter_logits(jnp.array([1.0, 0.5]), temperature=1e-46)
 
 
 def test_filter_logits_checks_concrete_arguments():

@@ -11,12 +11,16 @@ where the log-probabilities exclude pad and bos (they are never generated, see
 
 Each step expands the `K` live beams of every input to K x V candidates and keeps the 2K
 most probable. Among those, a candidate ending in eos (or any candidate at the last step)
-is finished only if it ranks in the top K, as in fairseq: so beam_size=1 is greedy decoding.
-The K best finished hypotheses by score are kept; the K best unfinished candidates become
-the next live beams, and their self-attention caches are gathered from their parents.
-An input is done when it has K finished hypotheses and no live beam can still beat the worst
-of them (`early_stopping=False`, the default), or as soon as it has K finished hypotheses
-(`early_stopping=True`). The loop stops when every input is done or at `max_len`.
+is finished only if it ranks in the top K, as in fairseq. The K best finished hypotheses by
+score are kept; the K best unfinished candidates become the next live beams, and their
+self-attention caches are gathered from their parents. An input is done when it has K
+finished hypotheses and no live beam can still beat the worst of them
+(`early_stopping=False`, the default), or as soon as it has K finished hypotheses
+(`early_stopping=True`); from then on its hypotheses are frozen, so its result does not
+depend on the other inputs of the batch. The loop stops when every input is done or at
+`max_len`. beam_size=1 with early_stopping=True (or length_penalty=0) is greedy decoding;
+with a length penalty and early_stopping=False the one beam may go on past greedy's eos and
+find a longer hypothesis that scores better.
 
 An ensemble (a list of models) runs every model's decoder on the same beams, each with its
 own cache, and gives each candidate token the log of the mean of the models' probabilities.
@@ -24,6 +28,7 @@ own cache, and gives each candidate token the log of the mean of the models' pro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -102,8 +107,21 @@ def _compiled_beam_search(graphdefs: tuple, beam_size: int, max_len: int,
         done_tokens = jnp.zeros((batch, k, max_len), jnp.int32)
         done_scores = jnp.full((batch, k), NEG_INF)
 
+        def inputs_done(t, live_logp, done_scores):
+            """[B]: the inputs whose K finished hypotheses nothing live can still change."""
+            worst_done = done_scores[:, -1]
+            full = worst_done > NEG_INF
+            # A live hypothesis only loses log-probability as it grows; its best possible
+            # score divides by the largest length penalty still reachable.
+            best_lp = jnp.maximum(gnmt_length_penalty(t + 1.0, alpha),
+                                  gnmt_length_penalty(float(max_len), alpha))
+            hopeless = live_logp[:, 0] / best_lp <= worst_done
+            return full & (early_stopping | hopeless)
+
         def body(carry):
             t, live_tokens, live_logp, cache, done_tokens, done_scores = carry
+            frozen = inputs_done(t, live_logp, done_scores)  # kept as they are
+            old_tokens, old_scores = done_tokens, done_scores
             current = jax.lax.dynamic_slice_in_dim(live_tokens, t, 1, axis=2)
             logp, cache = _next_token_log_probs(models, current.reshape(batch * k, 1), t, cache)
             logp = logp.reshape(batch, k, vocab)
@@ -122,9 +140,13 @@ def _compiled_beam_search(graphdefs: tuple, beam_size: int, max_len: int,
             pool_tokens = jnp.concatenate([done_tokens, cand_tokens[:, :, 1:]], axis=1)
             done_scores, best = jax.lax.top_k(pool_scores, k)
             done_tokens = _gather_beams(pool_tokens, best)
+            done_scores = jnp.where(frozen[:, None], old_scores, done_scores)
+            done_tokens = jnp.where(frozen[:, None, None], old_tokens, done_tokens)
 
-            # Live: the K most probable candidates that did not end in eos.
+            # Live: the K most probable candidates that did not end in eos (none for a
+            # frozen input, which then stays done).
             live_logp, best = jax.lax.top_k(jnp.where(token == EOS_ID, NEG_INF, cand_logp), k)
+            live_logp = jnp.where(frozen[:, None], NEG_INF, live_logp)
             live_tokens = _gather_beams(cand_tokens, best)
             rows = (jnp.arange(batch)[:, None] * k + _gather_beams(parent, best)).reshape(-1)
             cache = tuple(_reorder_self_caches(c, rows) for c in cache)
@@ -132,15 +154,7 @@ def _compiled_beam_search(graphdefs: tuple, beam_size: int, max_len: int,
 
         def not_done(carry):
             t, _, live_logp, _, _, done_scores = carry
-            worst_done = done_scores[:, -1]
-            full = worst_done > NEG_INF
-            # A live hypothesis only loses log-probability as it grows; its best possible
-            # score divides by the largest length penalty still reachable.
-            best_lp = jnp.maximum(gnmt_length_penalty(t + 1.0, alpha),
-                                  gnmt_length_penalty(float(max_len), alpha))
-            hopeless = live_logp[:, 0] / best_lp <= worst_done
-            finished = full & (early_stopping | hopeless)
-            return (t < max_len) & ~jnp.all(finished)
+            return (t < max_len) & ~jnp.all(inputs_done(t, live_logp, done_scores))
 
         start = (jnp.int32(0), live_tokens, live_logp, cache, done_tokens, done_scores)
         *_, done_tokens, done_scores = jax.lax.while_loop(not_done, body, start)
@@ -170,16 +184,20 @@ def beam_search(model, src_tokens, *, beam_size: int = 4, max_len: int,
     holds no hypothesis has score -inf.
     """
     models = ensemble_members(model)
-    beam_size = check_positive_int(beam_size, "beam_size", "use beam_size=1 for greedy search")
-    for member in models:
-        max_len = check_max_len(member, max_len)
+    beam_size = check_positive_int(beam_size, "beam_size", "beam_size=1 with "
+                                   "early_stopping=True is greedy search")
+    for i, member in enumerate(models):
+        with _naming_member(i, len(models)):
+            max_len = check_max_len(member, max_len)
     alpha = check_real(length_penalty, "length_penalty")
     early_stopping = check_bool(early_stopping, "early_stopping")
     return_all_beams = check_bool(return_all_beams, "return_all_beams")
     split = RowSplit.of(devices)
-    for member in models[1:]:
-        prepare_source(member, src_tokens)  # the ids fit every member's vocabulary
-    src = prepare_source(models[0], src_tokens)
+    for i, member in enumerate(models[1:], start=1):
+        with _naming_member(i, len(models)):
+            prepare_source(member, src_tokens)  # the ids fit every member's vocabulary
+    with _naming_member(0, len(models)):
+        src = prepare_source(models[0], src_tokens)
     graphdefs, states = zip(*(split_model(member) for member in models))
     states, rows = tuple(states), src.shape[0]
     if split is not None:
@@ -190,6 +208,18 @@ def beam_search(model, src_tokens, *, beam_size: int = 4, max_len: int,
     if return_all_beams:
         return tokens, scores
     return trim(tokens[:, 0]), scores[:, 0]
+
+
+@contextlib.contextmanager
+def _naming_member(index: int, count: int):
+    """A ValueError raised inside names the ensemble member it is about (when there are
+    several)."""
+    try:
+        yield
+    except ValueError as err:
+        if count == 1:
+            raise
+        raise ValueError(f"ensemble member {index} (of {count}): {err}") from None
 
 
 def ensemble_members(model) -> list:

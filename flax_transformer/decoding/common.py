@@ -63,6 +63,10 @@ def check_real(value, name: str) -> float:
 
 def prepare_source(model: Transformer, src_tokens) -> jax.Array:
     """Check `src_tokens` [B, S] on the host (shape, dtype, id range, length) -> int32 array."""
+    if isinstance(src_tokens, jax.core.Tracer):
+        raise ValueError("src_tokens is traced (a call inside jax.jit or a transformation): "
+                         "decoding compiles its own loop and returns NumPy arrays; call it "
+                         "outside jit")
     if not hasattr(src_tokens, "shape"):
         src_tokens = np.asarray(src_tokens)
     check_tokens(src_tokens, model.config.src_vocab_size, model.config.max_len, "src_tokens")

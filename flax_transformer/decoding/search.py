@@ -42,6 +42,12 @@ def check_sampling(temperature, top_k, top_p) -> tuple[float, int | None, float 
             f"temperature must be > 0, got {temperature}; use greedy_decode (or top_k=1) for "
             "the temperature -> 0 limit"
         )
+    tiny = float(np.finfo(np.float32).tiny)
+    if temperature < tiny:  # float32 flushes it to zero, and dividing by it gives NaN
+        raise ValueError(
+            f"temperature {temperature} is below float32's smallest normal number ({tiny:.4g}); "
+            "use greedy_decode (or top_k=1) for the temperature -> 0 limit"
+        )
     if top_k is not None:
         top_k = check_positive_int(top_k, "top_k", "pass None to sample from the whole vocabulary")
     if top_p is not None:
@@ -57,7 +63,8 @@ def filter_logits(logits: jax.Array, *, temperature, top_k: int | None = None,
     logits / temperature, finite for any temperature > 0), then keep only the `top_k` largest
     and the smallest set of largest whose probability mass reaches `top_p` (nucleus); the
     rest -> -inf. Ties at a cut-off are kept. The most likely token always survives. Concrete
-    arguments are checked (`check_sampling`); traced `temperature`/`top_p` are the caller's."""
+    arguments are checked (`check_sampling`); traced `temperature`/`top_p` are the caller's.
+    A `top_k` of V or more keeps every token."""
     if not any(isinstance(x, jax.core.Tracer) for x in (temperature, top_p)):
         temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     elif top_k is not None:
@@ -114,10 +121,11 @@ def _compiled_search(graphdef, max_len: int, use_cache: bool, sampling: bool,
                 token = first_argmax(scores)
             token = jnp.where(finished, PAD_ID, token).astype(jnp.int32)
             tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, t + 1))
-            finished = finished | ((token == EOS_ID) & ~ignore_eos)
-            if return_logits:
+            if return_logits:  # zeros once a row is done: they must not depend on its batch
                 logits_buffer = jax.lax.dynamic_update_slice(
-                    logits_buffer, logits[:, None], (0, t, 0))
+                    logits_buffer, jnp.where(finished[:, None], 0.0, logits)[:, None],
+                    (0, t, 0))
+            finished = finished | ((token == EOS_ID) & ~ignore_eos)
             return t + 1, tokens, finished, cache, logits_buffer
 
         def not_done(carry):
@@ -178,7 +186,8 @@ def greedy_decode(model, src_tokens, *, max_len: int, use_cache: bool = True,
     use_cache: incremental decoding with a key/value cache (False: re-run the decoder over
         the whole prefix each step, the slow reference);
     ignore_eos: keep generating after eos (for benchmarks: every row does max_len steps);
-    return_logits: also return the raw step logits [B, L, V] (before pad/bos suppression);
+    return_logits: also return the raw step logits [B, L, V] (before pad/bos suppression;
+        zeros after a row's eos, whose steps the batch's other rows may or may not run);
     devices: None (the default device), or a list of devices that each decode their share of
         the rows (e.g. jax.local_devices(); see `flax_transformer.parallel.RowSplit`).
 

@@ -105,6 +105,8 @@ class Transformer(nnx.Module):
             pe = jax.lax.dynamic_slice_in_dim(all_positions, offset, length, axis=0)
         # Rows first, then the compute dtype: `nnx.Embed.__call__` casts the whole [V, D] table
         # (and its gradient back), and accumulates the gradient of repeated ids in that dtype.
+        # Ids outside [0, V) give NaN rows, negative ones too (take would wrap them).
+        tokens = jnp.where(tokens < 0, table.embedding.shape[0], tokens)
         rows = jnp.take(table.embedding[...], tokens, axis=0).astype(self.dtype)
         x = rows * jnp.asarray(math.sqrt(d), self.dtype) + pe.astype(self.dtype)
         return self.embed_dropout(x)
@@ -158,7 +160,8 @@ class Transformer(nnx.Module):
         beams: decoder rows per input (beam search: rows b*beams .. b*beams+beams-1 decode
         input b). The memory is not repeated per beam: an input's beams read one copy.
         """
-        if not isinstance(max_len, int | np.integer) or not 1 <= max_len <= self.config.max_len:
+        if (not isinstance(max_len, int | np.integer) or isinstance(max_len, bool)
+                or not 1 <= max_len <= self.config.max_len):
             raise ValueError(
                 f"max_len must be an integer in [1, TransformerConfig.max_len="
                 f"{self.config.max_len}], got {max_len!r}; decode fewer tokens or build the "
