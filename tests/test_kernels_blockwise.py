@@ -150,13 +150,14 @@ def test_fully_masked_rows_are_zero_with_finite_gradients():
         np.testing.assert_array_equal(g, 0.0)
 
 
-def test_bfloat16_runs_and_stays_close_to_float32():
+@pytest.mark.parametrize("block_size", [8, 64], ids=["several blocks", "one block"])
+def test_bfloat16_runs_and_stays_close_to_float32(block_size):
     q, k, v = make_inputs(5, 2, 33, 33, 2, 16, 16)
 
     @jax.jit
     def run(q, k, v):
         def f(q, k, v):
-            return blockwise_attention(q, k, v, causal=True, block_size=8)
+            return blockwise_attention(q, k, v, causal=True, block_size=block_size)
 
         return f(q, k, v), jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), (0, 1, 2))(q, k, v)
 

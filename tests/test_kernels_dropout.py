@@ -14,7 +14,22 @@ def test_drops_at_the_rate_and_rescales(rate, shape):
     y = np.asarray(dropout(x, rate, jax.random.key(0)))
     dropped = (y == 0).mean()
     assert abs(dropped - rate) < 4 * np.sqrt(rate * (1 - rate) / y.size) + 1e-3
-    np.testing.assert_allclose(y[y != 0], 1.0 / (1.0 - rate), rtol=1e-6)
+    np.testing.assert_allclose(y[y != 0], 1.0 / (1.0 - rate), rtol=1e-5)
+
+
+def test_survivors_are_scaled_by_the_keep_probability_of_the_16_bit_draws():
+    """The rate is drawn to 1/65536; the scale is that rate's, so the expectation is x even
+    where 1 / (1 - rate) would be far off (near rate 1)."""
+    rate = 0.99999  # drops a draw below round(rate * 65536) = 65535: keeps 1 in 65536
+    y = np.asarray(dropout(jnp.ones((1 << 20,), jnp.float32), rate, jax.random.key(0)))
+    np.testing.assert_allclose(y[y != 0], 65536.0, rtol=1e-6)  # not 1 / (1 - rate) = 1e5
+    assert 0 < (y != 0).sum() < 50  # ~16 survivors of 2^20
+    with pytest.raises(ValueError, match="rounds to 1 at the 16-bit resolution"):
+        dropout(jnp.ones((4,)), 0.999995, jax.random.key(0))
+    with pytest.raises(ValueError, match="needs floating-point input"):
+        dropout(jnp.full((8,), 10, jnp.int32), 0.3, jax.random.key(0))
+    x = jnp.ones((8,))
+    assert dropout(x, 1e-6, None) is x  # rounds to no drop at all
 
 
 def test_same_key_same_mask_different_key_different_mask():

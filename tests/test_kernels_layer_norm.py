@@ -37,3 +37,8 @@ def test_epsilon_must_be_positive():
     for epsilon in (0.0, -1e-6, "1e-6"):
         with pytest.raises(ValueError, match="epsilon must be a float > 0"):
             layer_norm(x, jnp.ones(4), jnp.zeros(4), epsilon=epsilon)
+    np.testing.assert_array_equal(layer_norm(x, jnp.ones(4), jnp.zeros(4),
+                                             epsilon=np.float32(1e-6)),
+                                  layer_norm(x, jnp.ones(4), jnp.zeros(4), epsilon=1e-6))
+    with pytest.raises(ValueError, match=r"scale and bias must be \[D=4\]"):
+        layer_norm(x, jnp.ones(3), jnp.zeros(4))

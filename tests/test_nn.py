@@ -306,3 +306,21 @@ def test_modules_refuse_a_config_that_is_not_one_and_attention_names_bad_inputs(
         attention(jnp.ones((4, 32)))
     with pytest.raises(ValueError, match=r"context must be \[batch, length, d_model=32\]"):
         attention(jnp.ones((1, 4, 32)), jnp.ones((1, 4, 16)))
+
+
+def test_a_model_with_dropout_needs_a_dropout_stream():
+    with pytest.raises(ValueError, match="needs a 'dropout' random stream"):
+        Transformer(TINY.replace(dropout_rate=0.1), rngs=nnx.Rngs(params=0))
+    Transformer(TINY.replace(dropout_rate=0.1), rngs=nnx.Rngs(params=0, dropout=1))
+    Transformer(TINY.replace(dropout_rate=0.0), rngs=nnx.Rngs(params=0))  # none needed
+
+
+def test_ids_outside_the_vocabulary_give_nan_under_jit_negative_ones_too():
+    """Outside jit they are refused on the host; inside, where ids are not known, an id
+    outside [0, V) must not read a real row (a negative one would wrap to the last)."""
+    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    run = jax.jit(lambda src, tgt: model(src, tgt))
+    tgt = jnp.array([[1, 5]])
+    assert np.isfinite(run(jnp.array([[5, 6, 2]]), tgt)).all()
+    for bad in (TINY.src_vocab_size, -1):
+        assert not np.isfinite(run(jnp.array([[5, 6, bad]]), tgt)).all()

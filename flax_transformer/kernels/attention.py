@@ -236,16 +236,21 @@ def multi_head_attention(
     """Attention in every head independently.
 
     q: [B, Tq, H, Dk], k: [B, Tk, H, Dk], v: [B, Tk, H, Dv],
-    mask: bool, broadcastable to [B, H, Tq, Tk] (True = attend) or None  ->  [B, Tq, H, Dv]
+    mask: bool, 4-D, each axis 1 or full: [B|1, H|1, Tq|1, Tk|1] (True = attend), or None
+    ->  [B, Tq, H, Dv]
 
     causal: also apply `causal_mask(Tq, Tk)` (query i attends keys j <= i + Tk - Tq).
     implementation:
       "vmap"      `single_head_attention` vmapped over heads and batch (the reference);
-      "xla"       `jax.nn.dot_product_attention` (no attention dropout);
+      "xla"       `jax.nn.dot_product_attention` (no attention dropout; its scores are
+                  float32 even for float64 inputs);
       "dense"     the full score matrix with a hand-written backward pass (kernels/dense.py),
                   the fastest for short sequences on CPU (no attention dropout);
       "blockwise" online softmax over query/key blocks, memory O(T) per head; `block_size` is
                   an int b (tiles of b queries x b/2 keys) or a (query, key) pair.
+    "dense" and "blockwise" define their backward pass (`jax.custom_vjp`): reverse mode
+    (`jax.grad`, `jax.vjp`) only; forward mode (`jax.jvp`, `jax.jacfwd`) and, for
+    "blockwise", second derivatives need "vmap" or "xla".
     """
     check_attention_inputs(q, k, v, mask, implementation, dropout_rate, dropout_rng, causal)
     if q.shape[1] == 0 or k.shape[1] == 0:  # no queries, or no keys to attend: zeros

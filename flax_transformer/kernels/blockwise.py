@@ -188,6 +188,10 @@ def _backward(plan: _Plan, q, k, v, mask, out, lse, d_out):
     def key_block(dq_t, xs):
         j, kj, vj = xs
         kj_t = kj.swapaxes(-1, -2)  # [B, H, Dk, bk], once per key block
+        if kj.dtype != plan.acc:
+            # Kept a copy: in one block XLA would fold the transpose into the dQ product,
+            # a layout of bf16 x bf16 -> f32 that XLA:CPU cannot run (as in dense.py).
+            kj_t = lax.optimization_barrier(kj_t)
 
         def query_step(masked, i, carry):
             dq_t, dk, dv = carry

@@ -49,19 +49,28 @@ def hash_bits(key: jax.Array, count: int) -> jnp.ndarray:
 
 
 def dropout(x: jnp.ndarray, rate: float, key: jax.Array | None) -> jnp.ndarray:
-    """x: [...] -> [...]: each element zeroed with probability `rate`, survivors / (1 - rate)."""
+    """x: [...] floating -> [...]: each element zeroed with probability `rate` (to 1/65536,
+    the resolution of the 16-bit draws), the survivors divided by the probability of keeping
+    them, so the expectation is x."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-    if rate == 0.0 or x.size == 0:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"dropout needs floating-point input, got dtype {x.dtype}; cast it "
+                         "first (survivors are scaled by 1 / (1 - rate))")
+    threshold = round(rate * 65536)
+    if threshold == 65536:
+        raise ValueError(f"dropout rate {rate} rounds to 1 at the 16-bit resolution of its "
+                         "draws (nothing would survive); use a rate below 0.99999")
+    if threshold == 0 or x.size == 0:
         return x
     if key is None:
         raise ValueError("dropout with rate > 0 needs a random key")
-    threshold = round(rate * 65536)
     if x.size % 2:  # odd sizes: one 32-bit draw per element, its low 16 bits used
         uniform16 = (hash_bits(key, x.size) & 0xFFFF).reshape(x.shape)
     else:  # x viewed as [2, n/2]: row r uses bits r*16 .. r*16+15 of the same draw
         bits = hash_bits(key, x.size // 2)[None]
         shift = jnp.array([[0], [16]], jnp.uint32)
         uniform16 = ((bits >> shift) & 0xFFFF).reshape(x.shape)
-    scale = jnp.where(uniform16 >= threshold, 1.0 / (1.0 - rate), 0.0).astype(x.dtype)
+    keep = (65536 - threshold) / 65536  # the probability of a draw >= threshold
+    scale = jnp.where(uniform16 >= threshold, 1.0 / keep, 0.0).astype(x.dtype)
     return x * scale

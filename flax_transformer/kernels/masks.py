@@ -1,7 +1,7 @@
 """Boolean attention masks. Convention: True = the query may attend to the key.
 
 Masks are built in the 4-D form that `multi_head_attention` broadcasts against the attention
-matrix `[B, H, Tq, Tk]`: any of B, H, Tq may be 1.
+matrix `[B, H, Tq, Tk]`: 4-D, each axis 1 or full (a padding mask is [B, 1, 1, Tk]).
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def check_mask_shape(mask_shape: tuple[int, ...], target: tuple[int, ...]) -> No
                 f"mask must be 2-D [query_len|1, key_len|1] for one head, got shape {mask_shape}"
             )
         raise ValueError(
-            f"mask must be 4-D [batch|1, heads|1, query_len|1, key_len], got shape {mask_shape}; "
+            f"mask must be 4-D [batch|1, heads|1, query_len|1, key_len|1], got shape "
+            f"{mask_shape}; "
             "use padding_mask()/causal_mask() to build one"
         )
     for dim, want, name in zip(mask_shape, target, names):

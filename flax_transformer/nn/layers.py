@@ -42,6 +42,9 @@ class Dropout(nnx.Module):
     def __init__(self, rate: float, *, rngs: nnx.Rngs):
         self.rate = rate
         self.deterministic = False
+        if rate > 0 and "dropout" not in rngs and "default" not in rngs:
+            raise ValueError(f"dropout rate {rate} needs a 'dropout' random stream; pass "
+                             "nnx.Rngs(seed) or nnx.Rngs(params=..., dropout=...)")
         self.rngs = rngs.dropout.fork() if rate > 0 else None
 
     def set_view(self, deterministic: bool | None = None):
