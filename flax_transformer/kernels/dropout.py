@@ -1,6 +1,6 @@
 """Inverted dropout with 16-bit random draws from a keyed counter hash.
 
-    dropout(x) = x * m / (1 - rate),   m_i ~ Bernoulli(1 - rate)
+    dropout(x) = x * m / keep,   m_i ~ Bernoulli(keep),   keep = 1 - round(rate * 65536) / 65536
 
 The random bits are a hash of each element's index, keyed by the 64 bits of the JAX key:
 
@@ -14,8 +14,9 @@ draw. It costs ~12 integer operations per 32-bit draw; the key's own generator
 benchmark train step (RESULTS.md). Statistical quality suited to masks, not to cryptography:
 the key still comes from JAX's generator, so masks are a function of the run's seed, and
 masks of different keys are uncorrelated (tested). Each 32-bit draw is split into two
-16-bit uniforms, so the rate is realised to within 2^-16 (round(rate * 65536) / 65536), and
-the mask, scale and multiply compile to one elementwise loop.
+16-bit uniforms, so the rate is realised to within 2^-16 (round(rate * 65536) / 65536: keep
+is 1 - rate to that resolution, and the scale is 1 / keep so the expectation is exactly x),
+and the mask, scale and multiply compile to one elementwise loop.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def dropout(x: jnp.ndarray, rate: float, key: jax.Array | None) -> jnp.ndarray:
         raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"dropout needs floating-point input, got dtype {x.dtype}; cast it "
-                         "first (survivors are scaled by 1 / (1 - rate))")
+                         "first (survivors are scaled by 1 / keep)")
     threshold = round(rate * 65536)
     if threshold == 65536:
         raise ValueError(f"dropout rate {rate} rounds to 1 at the 16-bit resolution of its "
