@@ -21,6 +21,7 @@ _spec.loader.exec_module(train_cli)
 SMALL = ["--task", "copy", "--steps", "12", "--batch-size", "8", "--max-examples", "48",
          "--num-buckets", "1", "--log-every", "4", "--eval-every", "6",
          "--checkpoint-every", "6", "--eval-examples", "16", "--eval-batch-size", "48",
+         "--warmup-steps", "2",
          "--num-encoder-layers", "1", "--num-decoder-layers", "1",  # compiles faster
          "--no-progress"]
 
@@ -292,6 +293,8 @@ def test_init_from_takes_the_other_runs_model_and_settings(capsys, tmp_path):
                            "--no-progress", "--workdir", str(tmp_path / "same-task")]) == 0
     config = json.loads((tmp_path / "same-task" / "config.json").read_text())
     assert config["training"]["seed"] == 3 and config["training"]["batch_size"] == 8
+    # Two steps of a two-step warmup: said once, as the cosine never decays.
+    assert "warmup_steps=2 is not below the 2 optimizer updates" in capsys.readouterr().err
     # Reading a run takes its saved settings: flags that would not apply are refused.
     _one_error_line(capsys, ["--evaluate", "--workdir", str(source), "--d-model", "64"],
                     "--d-model: not used by --evaluate/--predict")
@@ -403,6 +406,7 @@ def _dictionary(directory, words, stress="1"):
 
 
 G2P_SMALL = ["--task", "g2p", "--steps", "2", "--batch-size", "8", "--num-buckets", "1",
+             "--warmup-steps", "1",
              "--eval-every", "1000", "--checkpoint-every", "2", "--decode", "greedy",
              "--d-model", "32", "--d-ff", "64", "--num-heads", "2", "--num-encoder-layers", "1",
              "--num-decoder-layers", "1", "--no-progress", "--no-tensorboard"]

@@ -142,7 +142,7 @@ def test_checkpoints_written_with_variables_still_restore(tmp_path):
     checkpointer.close()
 
 
-def test_restoring_into_a_different_model_raises(tmp_path):
+def test_restoring_into_a_different_model_raises(tmp_path, capfd):
     task = load_task("copy", max_examples=16)
     _, _, state = _setup(task, steps=10)
     checkpointer = Checkpointer(tmp_path)
@@ -158,6 +158,10 @@ def test_restoring_into_a_different_model_raises(tmp_path):
     # Variable layout tried after it (whose paths end in `value`)
     message = str(info.value)
     assert "layers" in message and not re.search(r"[.'/]value\b", message)
+    assert "does not fit this model" in message
+    # Found from the checkpoint's metadata: no failed restores, and their pages of
+    # tracebacks, before the one line.
+    assert len(capfd.readouterr().err.splitlines()) < 10
     checkpointer.close()
 
 

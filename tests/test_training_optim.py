@@ -211,3 +211,15 @@ def test_noam_schedule_refuses_a_zero_width():
         noam_schedule(0, 10)
     with pytest.raises(ValueError, match="d_model >= 1 and scale > 0"):
         make_optimizer(TrainingConfig(), 0)
+
+
+def test_settings_that_are_valid_but_likely_wrong_are_named():
+    assert TrainingConfig(lr_schedule="cosine", steps=100, warmup_steps=10).warnings() == []
+    for config in (TrainingConfig(lr_schedule="cosine", steps=100, warmup_steps=100),
+                   TrainingConfig(lr_schedule="cosine", steps=100, warmup_steps=30,
+                                  lr_cycles=4)):
+        (line,) = config.warnings()
+        assert "never decays" in line and "--warmup-steps" in line
+    (line,) = TrainingConfig(lr_schedule="rsqrt", steps=10, warmup_steps=1,
+                             accumulate_steps=3).warnings()
+    assert "the last 1 of steps=10 batches" in line and "never applied" in line

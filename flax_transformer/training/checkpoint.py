@@ -63,7 +63,10 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=create, enable_async_checkpointing=False
         )
-        self.manager = ocp.CheckpointManager(directory, options=options)
+        # The handler named up front: the metadata of a checkpoint is then readable before
+        # anything was saved or restored in this process (see `_check_fits`).
+        self.manager = ocp.CheckpointManager(directory, options=options,
+                                             item_handlers=ocp.StandardCheckpointHandler())
 
     def latest_step(self) -> int | None:
         """The step of the newest checkpoint on disk, None if there is none."""
@@ -102,6 +105,9 @@ class Checkpointer:
         for candidate in steps:
             try:
                 state = self._restore(like, candidate)
+            except CheckpointMismatch as err:  # readable, another model: so are older ones
+                raise ValueError(f"{err}; build the model the run was trained with (from "
+                                 f"its {CONFIG_FILE}, if that was edited)") from None
             except Exception as err:  # damaged files surface as many error types
                 first_error = first_error or err
                 continue
@@ -153,8 +159,35 @@ class Checkpointer:
                 ) from None
         return state._replace(params=mean_params(trees)), steps
 
+    def _check_fits(self, target, step: int) -> None:
+        """CheckpointMismatch naming the first difference when the saved tree of `step`
+        (read from its metadata, not its arrays) does not fit `target` in today's layout
+        nor in the older one whose paths end in `value`; nothing when it fits or when the
+        metadata cannot be read (then restoring says what is wrong)."""
+        try:
+            metadata = self.manager.item_metadata(step)
+            saved = _shapes(metadata) if metadata is not None else None
+        except Exception:  # noqa: BLE001 - damaged metadata: the restore reports it
+            return
+        if not saved:
+            return
+        want = _shapes(target)
+        legacy = {path[:-1] if path and path[-1] == "value" else path: shape
+                  for path, shape in saved.items()}
+        if want in (saved, legacy):
+            return
+        saved = legacy if any(p and p[-1] == "value" for p in saved) else saved
+        differ = ([f"{'/'.join(p)} is {saved[p]} there, {want[p]} here"
+                   for p in want if p in saved and saved[p] != want[p]]
+                  + [f"{'/'.join(p)} is missing there" for p in want if p not in saved]
+                  + [f"{'/'.join(p)} is not in this model" for p in saved if p not in want])
+        raise CheckpointMismatch(
+            f"checkpoint {step} in {self.workdir / CHECKPOINT_DIR} does not fit this model "
+            f"({len(differ)} difference(s), e.g. {differ[0]})")
+
     def _restore(self, like: TrainState, step: int) -> TrainState:
         target = abstract_train_state(like)
+        self._check_fits(target, step)  # before orbax, whose failures are long and noisy
         try:
             restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
         except ValueError as err:  # orbax: the saved tree does not match the target
@@ -170,6 +203,23 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for pending writes and release the checkpoint manager."""
         self.manager.close()
+
+
+class CheckpointMismatch(ValueError):
+    """A readable checkpoint whose tree does not fit the state it is restored into."""
+
+
+def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{path as key names: shape} of a state, or of a checkpoint's metadata (whose named
+    tuples became dicts: both give the same names)."""
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    return {tuple(name(k) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def check_average_count(count) -> int:

@@ -89,7 +89,9 @@ class TrainingConfig(ConfigMethods):
     weight_decay: float = option(0.0, "adamw: decoupled weight decay")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy (0: none)")
     grad_clip: float = option(1.0, "global gradient norm limit (0: no clipping)")
-    accumulate_steps: int = option(1, "batches whose gradients are averaged into one update")
+    accumulate_steps: int = option(
+        1, "batches whose gradients are averaged into one update (each batch's token-mean "
+           "gradient weighs the same, however many tokens it has)")
     devices: int = option(
         0, "local devices that split each batch (data parallel; 0: as many as divide it; "
            "--evaluate/--predict: 0 is all)")
@@ -215,6 +217,22 @@ class TrainingConfig(ConfigMethods):
                 f"steps={self.steps} is smaller than accumulate_steps={self.accumulate_steps}: "
                 "no optimizer update would happen; raise steps"
             )
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not what was meant, one line each (train.py
+        prints them): a cosine cycle that never decays, batches never applied."""
+        out = []
+        cycle = self.num_updates // self.lr_cycles
+        if self.lr_schedule == "cosine" and self.warmup_steps >= cycle:
+            out.append(f"warmup_steps={self.warmup_steps} is not below the {cycle} optimizer "
+                       "updates of each cosine cycle: the learning rate never decays to "
+                       "min_lr_ratio (lower --warmup-steps or raise --steps)")
+        if self.steps % self.accumulate_steps:
+            out.append(f"the last {self.steps % self.accumulate_steps} of steps={self.steps} "
+                       f"batches do not fill an update of accumulate_steps="
+                       f"{self.accumulate_steps}: they are never applied (make --steps a "
+                       "multiple of it)")
+        return out
 
     @property
     def num_updates(self) -> int:

@@ -178,6 +178,8 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
         load_run_config(workdir)  # raises NoCheckpointError with the explanation
     if config.tensorboard:
         check_tensorboard()  # before the data loads and the model compiles
+    for warning in config.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     # What is already there, checked before the data loads.
     latest = _latest_step(workdir, config.keep_checkpoints)
     if not resume and not overwrite and latest is not None:
