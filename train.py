@@ -255,6 +255,10 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
         model_config, config = resolve_preset(args.preset, task)
         model_config = model_config.replace(**model_overrides)
         config = config.replace(**training_overrides)
+    if "min_lr_ratio" in training_overrides and config.lr_schedule != "cosine":
+        raise ValueError(f"--min-lr-ratio is where the cosine schedule ends; --lr-schedule is "
+                         f"{config.lr_schedule!r}, which never reads it: drop --min-lr-ratio or "
+                         "add --lr-schedule cosine")
     for name in ("train_file", "valid_file", "test_file", "data_dir"):
         path = training_overrides.get(name)
         want = "directory" if name == "data_dir" else "file"

@@ -260,6 +260,14 @@ def test_bad_flag_value_is_one_line(capsys):
     _one_error_line(capsys, ["--task", "copy", "--steps", "0"], "steps must be a positive")
 
 
+def test_a_flag_the_schedule_never_reads_is_refused(capsys, tmp_path):
+    # The presets set min_lr_ratio for their cosine schedule; only a given flag is refused.
+    _one_error_line(capsys, ["--task", "copy", "--lr-schedule", "rsqrt", "--min-lr-ratio",
+                             "0.1", "--workdir", str(tmp_path / "w")],
+                    "--min-lr-ratio is where the cosine schedule ends; --lr-schedule is 'rsqrt'")
+    assert not (tmp_path / "w").exists()
+
+
 def test_subprocess_error_has_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--task", "nope", "--workdir", str(tmp_path)],
