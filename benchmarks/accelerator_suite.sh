@@ -13,5 +13,5 @@ export PYTHONUNBUFFERED=1
 status=0
 $PYTHON -m benchmarks.bench_train --steps 10 --repeats 3 || status=1
 $PYTHON -m benchmarks.bench_train --configs base --batch 256 --steps 5 --repeats 3 || status=1
-$PYTHON -m benchmarks.bench_attention --lengths 1024,16384,65536 --impls vmap,xla,blockwise,jax.nn,cudnn,torch --repeats 10 --timeout 60 --mem-limit-gb 60 --out benchmarks/attention_gpu.png || status=1
+$PYTHON -m benchmarks.bench_attention --lengths 1024,16384,65536 --impls vmap,xla,dense,blockwise,jax.nn,cudnn,torch --repeats 10 --timeout 60 --mem-limit-gb 60 --out benchmarks/attention_gpu.png || status=1
 exit $status

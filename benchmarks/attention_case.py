@@ -72,6 +72,15 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+LONG_CASE_S = 5.0  # a case whose forward takes longer is timed once per pass
+
+
+def calls(repeats: int, fwd_s: float) -> tuple[int, int]:
+    """(forward calls, forward+backward calls) of a case whose forward takes `fwd_s`, warm-up
+    calls included: what `run_worker` makes."""
+    return (2, 2) if fwd_s > LONG_CASE_S else (2 + repeats, 1 + repeats)
+
+
 def run_worker(spec: dict) -> dict:
     """Time one (impl, length, causal) case in this process; returns a result record.
 
@@ -107,7 +116,7 @@ def run_worker(spec: dict) -> dict:
     baseline = _peak_rss()
     repeats = spec["repeats"]
     fwd = time_fn(forward, *args, repeats=1, warmup=1)
-    if fwd > 5.0:  # long cases: one timed call each, their noise is small
+    if fwd > LONG_CASE_S:  # long cases: one timed call each, their noise is small
         repeats = 1
     else:
         fwd = time_fn(forward, *args, repeats=repeats, warmup=0)

@@ -20,8 +20,10 @@ nothing is written unless --out is given.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -31,7 +33,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.attention_case import GPU_ONLY  # noqa: E402
+from benchmarks.attention_case import GPU_ONLY, calls  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     cpu_count,
     describe_machine,
@@ -107,6 +109,13 @@ def _backend(results: dict, default: str | None = "cpu") -> str | None:
                  if impl != "torch" and r.get("backend")), default)
 
 
+def _section_backend(results: dict) -> str:
+    """Where the table's cases ran, for its section and memory column: the JAX backend, or
+    torch's device in a run of torch alone."""
+    return _backend(results, default=None) or next(
+        (r["backend"] for r in results.values() if r.get("backend")), "cpu")
+
+
 def _ms(seconds: float) -> str:
     """Milliseconds, with three decimals below 10 ms (GPU cases take tens of microseconds)."""
     ms = 1e3 * seconds
@@ -132,7 +141,8 @@ def _ratio(r, peer, key):
 
 
 def results_table(results: dict, lengths, impls, causals) -> str:
-    mem_name = "peak RSS MiB (before run)" if _backend(results) == "cpu" else "peak device MiB"
+    mem_name = ("peak RSS MiB (before run)" if _section_backend(results) == "cpu"
+                else "peak device MiB")
     with_cudnn = any(i == "cudnn" and r["status"] == "ok" for (i, _, _), r in results.items())
     head = ["causal", "T", "impl", "fwd ms", "fwd+bwd ms", mem_name, "fwd / jax.nn",
             "fwd+bwd / jax.nn"] + (["fwd+bwd / cudnn"] if with_cudnn else []) + ["fwd+bwd / torch"]
@@ -223,9 +233,11 @@ def run_all(args, lengths, impls, causals, on_length_done=None) -> dict:
                         continue
                     prev = last.get(key)
                     if key not in stopped and prev is not None:
-                        # next case ~ (T'/T)^2 x (1 warm-up + 1 timed call of fwd and fwd+bwd)
-                        estimate = (2 * (prev["fwd_s"] + prev["fwd_bwd_s"])
-                                    * (length / prev["T"]) ** 2)
+                        # each call ~ (T'/T)^2 x this length's; as many calls as the worker makes
+                        scale = (length / prev["T"]) ** 2
+                        fwd_calls, fwd_bwd_calls = calls(args.repeats, scale * prev["fwd_s"])
+                        estimate = scale * (fwd_calls * prev["fwd_s"]
+                                            + fwd_bwd_calls * prev["fwd_bwd_s"])
                         if estimate > args.timeout:
                             stopped[key] = f"est. {estimate:.0f} s > timeout"
                     if key in stopped:
@@ -305,6 +317,12 @@ def main(argv=None):
         while n <= args.max_len:
             lengths, n = lengths + [n], 2 * n
     impls = args.impls
+    if "torch" in impls and importlib.util.find_spec("torch") is None:
+        if impls == ["torch"]:
+            raise SystemExit("error: --impls torch, but torch is not installed: "
+                             "pip install -e .[bench]")
+        print("torch not installed: pip install -e .[bench] to include it", file=sys.stderr)
+        impls = [i for i in impls if i != "torch"]
     causals = [False, True] if args.causal is None else [args.causal]
     load_start = os.getloadavg()[0]
 
@@ -317,7 +335,7 @@ def main(argv=None):
                 and final):
             print(f"\nplot: {args.out}")
         if not args.no_results:
-            path = write_results_section(f"bench_attention ({_backend(results)})", body,
+            path = write_results_section(f"bench_attention ({_section_backend(results)})", body,
                                          args.results)
             if final:
                 print(f"results: {path}")
@@ -337,7 +355,7 @@ def report_body(args, results, lengths, impls, causals, load_start) -> str:
     backend = _backend(results)
     dtype = next((r["dtype"] for r in results.values() if r.get("dtype")), args.dtype)
     argv = list(getattr(sys, "orig_argv", [sys.executable] + sys.argv))
-    command = " ".join(["python"] + argv[1:])
+    command = " ".join(["python", *map(shlex.quote, argv[1:])])
     return "\n".join([
         f"- machine: {machine}",
         f"- date: {today()}",

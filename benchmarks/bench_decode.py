@@ -75,7 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="timed calls per path (3)")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     add_malloc_flag(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    max_len = TransformerConfig.preset(args.preset).max_len
+    for flag, value in (("--src-len", args.src_len), ("--new-tokens", args.new_tokens)):
+        if value > max_len:
+            parser.error(f"argument {flag}: {value} is longer than preset {args.preset}'s "
+                         f"max_len {max_len}; give at most {max_len}")
+    return args
 
 
 def main(argv=None) -> None:

@@ -83,7 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="on a CPU: run as this many devices (they share its cores)")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     add_malloc_flag(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, value in (("--src-len", args.src_len), ("--new-tokens", args.new_tokens)):
+        if value > MODEL["max_len"]:
+            parser.error(f"argument {flag}: {value} is longer than the model's max_len "
+                         f"{MODEL['max_len']}; give at most {MODEL['max_len']}")
+    return args
 
 
 def main(argv=None) -> int:

@@ -186,12 +186,20 @@ def write_results_section(name: str, markdown_body: str, path: str | os.PathLike
     start, end = f"<!-- {slug}:start -->", f"<!-- {slug}:end -->"
     section = f"{start}\n## {name}\n\n{markdown_body.strip()}\n{end}\n"
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if start in old and end in old and old.index(start) < old.index(end):
+    starts, ends = old.count(start), old.count(end)
+    if starts == ends == 1 and old.index(start) < old.index(end):
         head, rest = old.split(start, 1)
         tail = rest.split(end, 1)[1].lstrip("\n")
         new = head + section + ("\n" + tail if tail else "")
-    else:
+    elif starts == ends == 0:
         new = old.rstrip("\n") + "\n\n" + section
+    else:  # a hand edit broke the markers: replacing could cut other sections, so keep both
+        aside = path.with_name(f"{path.name}.{slug.replace(':', '-')}.md")
+        aside.write_text(section)
+        raise ValueError(
+            f"{path} has {starts} '{start}' and {ends} '{end}' markers (want one pair, in "
+            f"that order); it was left as it was and this run's section went to {aside}: "
+            "mend the markers, then paste it in")
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(new)
     os.replace(tmp, path)

@@ -79,10 +79,12 @@ def measured_peak_flops(dtype=jnp.float32, shapes=None, repeats: int = 10) -> fl
     return max(matmul_flops_per_second(*shape, dtype=dtype, repeats=repeats) for shape in shapes)
 
 
-# Dense datasheet peaks (FLOP/s) for accelerators whose device_kind we recognise.
+# Dense datasheet peaks (FLOP/s) for accelerators whose device_kind we recognise. JAX computes
+# float32 dots on these GPUs in TF32 on the tensor cores (its default precision), so the
+# float32 entry is the TF32 peak, not the 67 TFLOP/s of the non-tensor-core units.
 DATASHEET_PEAK = {
     ("NVIDIA H100 80GB HBM3", "bfloat16"): 989e12,
-    ("NVIDIA H100 80GB HBM3", "float32"): 67e12,
+    ("NVIDIA H100 80GB HBM3", "float32"): 494e12,
     ("NVIDIA H200", "bfloat16"): 989e12,
-    ("NVIDIA H200", "float32"): 67e12,
+    ("NVIDIA H200", "float32"): 494e12,
 }

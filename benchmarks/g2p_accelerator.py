@@ -184,7 +184,8 @@ def score(args: argparse.Namespace, name: str, partners: list[str], out,
                           text=True, cwd=REPO)
     lines = [line for line in done.stdout.splitlines() if "examples)" in line]
     out.write(f"{label} ({time.monotonic() - start:.0f} s):\n")
-    for line in lines or [f"failed: {done.stderr.strip().splitlines()[-1:]}"]:
+    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    for line in lines or [f"failed: {last}"]:
         out.write(f"  {line}\n")
     out.flush()
     return done.returncode == 0
@@ -211,8 +212,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    if args.minutes <= 0:
-        parser.error(f"--minutes must be > 0, got {args.minutes}")
+    if not 0 < args.minutes < float("inf"):
+        parser.error(f"--minutes must be a finite number > 0, got {args.minutes}")
     if args.data_dir is not None:
         args.data_dir = args.data_dir.resolve()
         if not (args.data_dir / "cmudict.dict").is_file():

@@ -1,7 +1,14 @@
 """Peer for `bench_train`: PyTorch's `nn.Transformer` with the same embeddings and head.
 
 Optional: needs `pip install -e .[bench]` (a CPU build of torch; on a GPU machine, a CUDA build).
-Runs on CUDA when asked (`--device cuda`), with bf16 matmuls under `torch.autocast`.
+Runs on CUDA when asked (`--device cuda`), with bf16 matmuls under `torch.autocast`, and
+float32 matmuls in TF32 there, as JAX's default precision computes them.
+
+It is our model, not `nn.Transformer`'s defaults: dropout only where the paper (and ours)
+puts it, on each sub-layer's output and on the embeddings, not on the attention weights
+(`attention_dropout_rate`) nor between the feed-forward's two layers; no LayerNorm after
+the last layer of each stack (post-norm needs none); our LayerNorm epsilon; and optax's
+AdamW weight decay (1e-4). So each framework does the same work per step.
 """
 
 from __future__ import annotations
@@ -10,8 +17,15 @@ import math
 
 import numpy as np
 
+from benchmarks.common import positive_int
 from flax_transformer import TransformerConfig
 from flax_transformer.kernels import sinusoidal_positions
+
+
+def _activation(name: str) -> str:
+    if name not in ("relu", "gelu"):  # nn.Transformer takes these two by name
+        raise ValueError(f"the torch peer has no activation {name!r}; use relu or gelu")
+    return name
 
 
 def build_torch_step(c: TransformerConfig, batch: int, src_len: int, tgt_len: int, *,
@@ -33,7 +47,16 @@ def build_torch_step(c: TransformerConfig, batch: int, src_len: int, tgt_len: in
             self.tgt_embed = nn.Embedding(c.tgt_vocab_size, c.d_model)
             self.transformer = nn.Transformer(
                 c.d_model, c.num_heads, c.num_encoder_layers, c.num_decoder_layers, c.d_ff,
-                dropout=c.dropout_rate, batch_first=True)
+                dropout=c.dropout_rate, batch_first=True, layer_norm_eps=c.layer_norm_epsilon,
+                norm_first=c.norm == "pre", activation=_activation(c.activation))
+            stacks = (self.transformer.encoder, self.transformer.decoder)
+            for stack in stacks:
+                stack.norm = None if c.norm == "post" else stack.norm
+                for layer in stack.layers:
+                    layer.dropout = nn.Identity()  # the feed-forward's inner dropout
+                    for attention in ("self_attn", "multihead_attn"):
+                        if hasattr(layer, attention):  # read at every call
+                            getattr(layer, attention).dropout = c.attention_dropout_rate
             self.dropout = nn.Dropout(c.dropout_rate)
             self.register_buffer("positions",
                                  torch.from_numpy(sinusoidal_positions(c.max_len, c.d_model)))
@@ -50,7 +73,10 @@ def build_torch_step(c: TransformerConfig, batch: int, src_len: int, tgt_len: in
             return y @ self.tgt_embed.weight.T
 
     model = TorchPeer().to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9,
+                                  weight_decay=1e-4)  # optax.adamw's default
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 dots as JAX's default computes
     loss_fn = nn.CrossEntropyLoss(ignore_index=0, label_smoothing=label_smoothing)
     rng = np.random.default_rng(seed)
     src = torch.from_numpy(rng.integers(4, c.src_vocab_size, (batch, src_len))).to(device)
@@ -86,8 +112,8 @@ def main(argv=None) -> None:
     parser.add_argument("--config", required=True, help="TransformerConfig as JSON")
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--length", type=int, required=True)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=positive_int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args(argv)

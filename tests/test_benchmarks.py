@@ -33,9 +33,37 @@ def test_torch_peer_has_our_parameter_count():
 
     step, count = build_torch_step(TINY, batch=2, src_len=5, tgt_len=4)
     ours = Transformer(TINY.replace(share_embeddings=False), rngs=nnx.Rngs(0))
-    # nn.Transformer adds a final LayerNorm to each stack (2 x 2 x d_model parameters).
-    assert count == n_params(ours) + 4 * TINY.d_model
+    assert count == n_params(ours)  # nn.Transformer's final LayerNorms removed (post-norm)
     assert np.isfinite(step().item())
+
+
+def test_torch_peer_drops_out_where_ours_does():
+    """Dropout on sub-layer outputs and embeddings only: in eval mode the peer is a
+    deterministic function, and in train mode no attention weights or feed-forward hidden
+    units are dropped (their modules are identities or rate 0)."""
+    torch = pytest.importorskip("torch")
+    from benchmarks import peer_torch
+
+    built = {}
+    real = torch.nn.Transformer
+
+    def keep(*args, **kwargs):
+        built["model"] = real(*args, **kwargs)
+        return built["model"]
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(torch.nn, "Transformer", keep)
+    try:
+        peer_torch.build_torch_step(TINY, batch=2, src_len=5, tgt_len=4)
+    finally:
+        monkey.undo()
+    model = built["model"]
+    assert model.encoder.norm is None and model.decoder.norm is None
+    layers = [*model.encoder.layers, *model.decoder.layers]
+    assert all(isinstance(layer.dropout, torch.nn.Identity) for layer in layers)
+    assert all(layer.self_attn.dropout == 0.0 for layer in layers)
+    assert all(layer.multihead_attn.dropout == 0.0 for layer in model.decoder.layers)
+    assert all(layer.norm1.eps == TINY.layer_norm_epsilon for layer in layers)
 
 
 def test_torch_peer_runs_bf16_under_autocast():
@@ -383,3 +411,108 @@ def test_bench_decode_devices_needs_two_devices_and_compares_the_outputs(capsys)
             model, jax.local_devices()[:1], decoding, batch=3, src_len=4, new_tokens=4,
             beam_size=2, repeats=1)
         assert one > 0 and split > 0 and same
+
+
+def test_results_section_is_replaced_alone_and_broken_markers_are_refused(tmp_path):
+    from benchmarks.common import write_results_section
+
+    results = tmp_path / "RESULTS.md"
+    write_results_section("bench_x (cpu)", "first", results)
+    write_results_section("bench_y (cpu)", "other", results)
+    write_results_section("bench_x (cpu)", "second", results)
+    text = results.read_text()
+    assert "second" in text and "first" not in text and "other" in text
+    assert text.count("<!-- bench_x:cpu:start -->") == 1
+    # An end marker lost in a hand edit: replacing would cut everything up to the next
+    # end marker, appending would leave two starts. The file is kept; the section goes aside.
+    broken = text.replace("<!-- bench_x:cpu:end -->\n", "")
+    results.write_text(broken)
+    with pytest.raises(ValueError, match=r"1 '<!-- bench_x:cpu:start -->' and 0"):
+        write_results_section("bench_x (cpu)", "third", results)
+    assert results.read_text() == broken
+    assert "third" in (tmp_path / "RESULTS.md.bench_x-cpu.md").read_text()
+    results.write_text(text + text)  # the section twice
+    with pytest.raises(ValueError, match="want one pair"):
+        write_results_section("bench_x (cpu)", "fourth", results)
+    assert results.read_text() == text + text
+
+
+def test_bench_attention_without_torch_drops_it_with_the_install_hint(tmp_path, monkeypatch,
+                                                                      capsys):
+    import importlib.util
+
+    from benchmarks import bench_attention
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    ran = []
+
+    def fake_case(spec, timeout, mem_limit):
+        ran.append(spec["impl"])
+        return {"status": "ok", "fwd_s": 0.1, "fwd_bwd_s": 0.3, "peak_bytes": 2**20,
+                "baseline_bytes": 0, "repeats": 1, "dtype": "float32", "backend": "cpu",
+                "jax": "JAX (test) on cpu"}
+
+    monkeypatch.setattr(bench_attention, "run_case", fake_case)
+    bench_attention.main(["--lengths", "128", "--causal", "--impls", "blockwise,torch",
+                          "--no-results"])
+    assert ran == ["blockwise"]
+    assert "torch not installed: pip install -e .[bench]" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="torch is not installed"):
+        bench_attention.main(["--lengths", "128", "--impls", "torch", "--no-results"])
+
+
+def test_bench_attention_files_a_torch_only_run_under_torchs_device(tmp_path, monkeypatch):
+    from benchmarks import bench_attention
+
+    real = bench_attention.importlib.util.find_spec
+    monkeypatch.setattr(bench_attention.importlib.util, "find_spec",  # as on a torch machine
+                        lambda name, *a: True if name == "torch" else real(name, *a))
+    monkeypatch.setattr(bench_attention, "run_case", lambda spec, timeout, mem_limit: {
+        "status": "ok", "fwd_s": 0.001, "fwd_bwd_s": 0.003, "peak_bytes": 2**20,
+        "baseline_bytes": 0, "repeats": 1, "dtype": "bfloat16", "backend": "gpu", "jax": None})
+    results = tmp_path / "RESULTS.md"
+    bench_attention.main(["--lengths", "128", "--causal", "--impls", "torch",
+                          "--results", str(results), "--out", str(tmp_path / "p.png")])
+    text = results.read_text()
+    assert "## bench_attention (gpu)" in text and "peak device MiB" in text
+
+
+def test_bench_attention_estimates_the_calls_a_case_makes(monkeypatch, capsys):
+    """A length is skipped when (T'/T)^2 x the worker's calls (warm-ups and --repeats timed
+    calls) would pass --timeout: here 4x (5 x 1 s + 4 x 2 s) = 52 s > 40 s."""
+    from benchmarks import bench_attention
+    from benchmarks.attention_case import calls
+
+    assert calls(3, 1.0) == (5, 4) and calls(3, 6.0) == (2, 2)
+    lengths = []
+
+    def fake_case(spec, timeout, mem_limit):
+        lengths.append(spec["length"])
+        return {"status": "ok", "fwd_s": 1.0, "fwd_bwd_s": 2.0, "peak_bytes": 2**20,
+                "baseline_bytes": 0, "repeats": 3, "dtype": "float32", "backend": "cpu",
+                "jax": "JAX (test) on cpu"}
+
+    monkeypatch.setattr(bench_attention, "run_case", fake_case)
+    bench_attention.main(["--lengths", "128,256", "--causal", "--impls", "blockwise",
+                          "--repeats", "3", "--timeout", "40", "--no-results"])
+    assert lengths == [128] and "skip" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module, argv, flag", [
+    ("bench_decode", ["--preset", "tiny", "--new-tokens", "65"], "--new-tokens"),
+    ("bench_decode", ["--preset", "tiny", "--src-len", "100", "--new-tokens", "8"], "--src-len"),
+    ("bench_decode_devices", ["--new-tokens", "100"], "--new-tokens"),
+    ("bench_train", ["--torch-threads", "0"], "--torch-threads"),
+    ("bench_train", ["--configs", "small", "small"], "--configs"),
+    ("g2p_accelerator", ["--minutes", "nan"], "--minutes"),
+])
+def test_benchmark_flags_out_of_range_are_usage_errors(module, argv, flag, capsys):
+    import importlib
+
+    parse_args = importlib.import_module(f"benchmarks.{module}").parse_args
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
