@@ -145,6 +145,13 @@ class TransformerConfig(ConfigMethods):
             raise ValueError(
                 f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}; e.g. 1e-6"
             )
+        for name in ("dtype", "param_dtype"):  # np.float32, jnp.bfloat16, ... -> its name
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                try:
+                    object.__setattr__(self, name, np.dtype(value).name)
+                except TypeError:
+                    pass  # not a dtype: refused below
         choices = {"norm": NORMS, "activation": tuple(ACTIVATIONS),
                    "dtype": (*DTYPES, "auto"), "param_dtype": DTYPES,
                    "attention_impl": IMPLEMENTATIONS}

@@ -91,6 +91,23 @@ def test_numpy_scalars_are_accepted_as_plain_python_values():
     assert TransformerConfig.from_dict(config.to_dict()) == config
 
 
+def test_dtypes_given_as_numpy_or_jax_types_are_stored_by_name():
+    """jnp.bfloat16, np.float32 or a np.dtype mean what their names do, and the config stays
+    JSON-serialisable (it is saved beside every checkpoint)."""
+    import json
+
+    import jax.numpy as jnp
+
+    for given in (jnp.bfloat16, jnp.dtype("bfloat16"), "bfloat16"):
+        config = TransformerConfig.preset("tiny", dtype=given, param_dtype=np.float32)
+        assert config.dtype == "bfloat16" and config.param_dtype == "float32"
+        assert TransformerConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="dtype='float64' is not known"):
+        TransformerConfig.preset("tiny", dtype=np.float64)
+    with pytest.raises(ValueError, match="dtype=5 is not known"):
+        TransformerConfig.preset("tiny", dtype=5)
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="preset 'huge' is not known"):
         TransformerConfig.preset("huge")

@@ -313,6 +313,27 @@ def test_a_model_with_dropout_needs_a_dropout_stream():
         Transformer(TINY.replace(dropout_rate=0.1), rngs=nnx.Rngs(params=0))
     Transformer(TINY.replace(dropout_rate=0.1), rngs=nnx.Rngs(params=0, dropout=1))
     Transformer(TINY.replace(dropout_rate=0.0), rngs=nnx.Rngs(params=0))  # none needed
+    attention_dropout = TINY.replace(attention_impl="vmap", attention_dropout_rate=0.2)
+    with pytest.raises(ValueError, match="attention_dropout_rate=0.2 needs a 'dropout' random"):
+        MultiHeadAttention(attention_dropout, rngs=nnx.Rngs(params=0))
+    Transformer(attention_dropout, rngs=nnx.Rngs(params=0, dropout=1))
+
+
+def test_encoder_and_decoder_stacks_default_to_no_padding():
+    """Used on their own, the stacks need no mask: None means every position is real."""
+    memory_in = jax.random.normal(jax.random.key(0), (2, 5, TINY.d_model))
+    target_in = jax.random.normal(jax.random.key(1), (2, 3, TINY.d_model))
+    everything = jnp.ones((2, 1, 1, 5), bool)
+    for config in (TINY, TINY.replace(scan_layers=True)):
+        encoder = Encoder(config, rngs=nnx.Rngs(0))
+        decoder = Decoder(config, rngs=nnx.Rngs(1))
+        memory = encoder(memory_in)
+        close = dict(rtol=1e-5, atol=1e-6)  # the masked path compiles differently
+        np.testing.assert_allclose(memory, encoder(memory_in, everything), **close)
+        np.testing.assert_allclose(decoder(target_in, memory),
+                                   decoder(target_in, memory, everything), **close)
+        layer = EncoderLayer(config, rngs=nnx.Rngs(2))
+        np.testing.assert_allclose(layer(memory_in), layer(memory_in, everything), **close)
 
 
 def test_ids_outside_the_vocabulary_give_nan_under_jit_negative_ones_too():

@@ -3,7 +3,8 @@
     Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V
 
 Layout follows `jax.nn.dot_product_attention`: q [B, Tq, H, Dk], k [B, Tk, H, Dk],
-v [B, Tk, H, Dv]. Masks are boolean, True = may attend, broadcastable to [B, H, Tq, Tk].
+v [B, Tk, H, Dv]. Masks are boolean, True = may attend: [Tq, Tk] for one head,
+[B|1, H|1, Tq|1, Tk|1] for `multi_head_attention` (4-D; each axis 1 or full).
 Scores and softmax are computed in float32 whatever the input dtype; a query whose keys are
 all masked returns zeros, never NaN.
 """

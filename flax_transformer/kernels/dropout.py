@@ -15,7 +15,8 @@ benchmark train step (RESULTS.md). Statistical quality suited to masks, not to c
 the key still comes from JAX's generator, so masks are a function of the run's seed, and
 masks of different keys are uncorrelated (tested). Each 32-bit draw is split into two
 16-bit uniforms, so the rate is realised to within 2^-16 (round(rate * 65536) / 65536: keep
-is 1 - rate to that resolution, and the scale is 1 / keep so the expectation is exactly x),
+is 1 - rate to that resolution, and the scale is 1 / keep so the expectation is x: exactly
+in float32, to the scale's rounding in bf16/f16, e.g. 1.109375 for 1 / 0.9 in bf16),
 and the mask, scale and multiply compile to one elementwise loop.
 """
 

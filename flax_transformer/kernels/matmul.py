@@ -5,7 +5,8 @@ For float32 (or float64) inputs `project` is exactly `x @ w + b`, computed as on
 For bfloat16 and float16 inputs every product is accumulated in float32, the bias added in
 float32, and the sum rounded once to the input dtype, forward and backward (a
 `jax.custom_vjp`: the incoming gradient is rounded to the compute dtype, so all three matmuls
-of a training step take low-precision operands; the bias gradient is a float32 sum). That is
+of a training step take low-precision operands; the bias gradient is a float32 sum; and, as
+for any `custom_vjp`, a bf16/f16 model takes reverse-mode derivatives only). That is
 what GPUs and TPUs do inside a bf16 matmul anyway; on CPUs with bf16 dot-product instructions
 (AVX512-BF16, AMX), XLA only uses them for dots whose output is float32, so a plain bf16
 `x @ w` runs as an emulated float32 matmul and is no faster than float32. On CPU the weight

@@ -12,6 +12,17 @@ from ..config import TransformerConfig, check_config
 from ..kernels import cache_layout, cached_attention, multi_head_attention, project
 
 
+def dropout_stream(rngs: nnx.Rngs, rate: float, name: str) -> nnx.Rngs | None:
+    """The `dropout` stream forked for one module, or None when `rate` is 0. ValueError when
+    `rngs` has neither a `dropout` nor a `default` stream to draw from."""
+    if rate <= 0:
+        return None
+    if "dropout" not in rngs and "default" not in rngs:
+        raise ValueError(f"{name}={rate} needs a 'dropout' random stream; pass nnx.Rngs(seed) "
+                         "or nnx.Rngs(params=..., dropout=...)")
+    return rngs.dropout.fork()
+
+
 def glorot(in_axis=0, out_axis=-1, batch_axis=()):
     """Glorot/Xavier uniform initialiser (fan-average), per projection matrix."""
     return nnx.initializers.variance_scaling(
@@ -56,7 +67,7 @@ class MultiHeadAttention(nnx.Module):
         self.key_value_bias = nnx.Param(jnp.zeros((2, d), pdt))
         self.output_kernel = nnx.Param(glorot()(rngs.params(), (d, d), pdt))
         self.output_bias = nnx.Param(jnp.zeros((d,), pdt))
-        self.dropout_rngs = rngs.dropout.fork() if self.dropout_rate > 0 else None
+        self.dropout_rngs = dropout_stream(rngs, self.dropout_rate, "attention_dropout_rate")
 
     def _split_heads(self, x: jnp.ndarray) -> jnp.ndarray:
         """[B, T, D] -> [B, T, H, D/H]"""
@@ -111,7 +122,7 @@ class MultiHeadAttention(nnx.Module):
         causal: bool = False,
     ) -> jnp.ndarray:
         """x: [B, Tq, D] queries; context: [B, Tk, D] source of keys and values (None:
-        self-attention on x); mask: bool broadcastable to [B, H, Tq, Tk]  ->  [B, Tq, D]"""
+        self-attention on x); mask: bool [B|1, H|1, Tq|1, Tk|1]  ->  [B, Tq, D]"""
         d_model = self.query_kernel.shape[0]
         for name, array in (("x", x), ("context", context)):
             if array is not None and (array.ndim != 3 or array.shape[-1] != d_model):

@@ -11,7 +11,7 @@ from flax import nnx
 
 from ..config import TransformerConfig, check_config
 from ..kernels import dropout, feed_forward, layer_norm
-from .attention import KVCache, MultiHeadAttention, glorot
+from .attention import KVCache, MultiHeadAttention, dropout_stream, glorot
 
 
 class FeedForward(nnx.Module):
@@ -42,10 +42,7 @@ class Dropout(nnx.Module):
     def __init__(self, rate: float, *, rngs: nnx.Rngs):
         self.rate = rate
         self.deterministic = False
-        if rate > 0 and "dropout" not in rngs and "default" not in rngs:
-            raise ValueError(f"dropout rate {rate} needs a 'dropout' random stream; pass "
-                             "nnx.Rngs(seed) or nnx.Rngs(params=..., dropout=...)")
-        self.rngs = rngs.dropout.fork() if rate > 0 else None
+        self.rngs = dropout_stream(rngs, rate, "dropout_rate")
 
     def set_view(self, deterministic: bool | None = None):
         if deterministic is not None:
@@ -101,8 +98,9 @@ class EncoderLayer(nnx.Module):
         self.feed_forward = FeedForward(config, rngs=rngs)
         self.add_norm_2 = AddNorm(config, rngs=rngs)
 
-    def __call__(self, x: jnp.ndarray, src_mask: jnp.ndarray | None) -> jnp.ndarray:
-        """x: [B, S, D]; src_mask: [B, 1, 1, S] (True = real token)  ->  [B, S, D]"""
+    def __call__(self, x: jnp.ndarray, src_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        """x: [B, S, D]; src_mask: [B, 1, 1, S] (True = real token; None: every position)
+        ->  [B, S, D]"""
         x = self.add_norm_1(x, lambda h: self.self_attention(h, mask=src_mask))
         return self.add_norm_2(x, self.feed_forward)
 
@@ -132,9 +130,10 @@ class DecoderLayer(nnx.Module):
         self.add_norm_3 = AddNorm(config, rngs=rngs)
 
     def __call__(self, y: jnp.ndarray, memory: jnp.ndarray,
-                 src_mask: jnp.ndarray | None) -> jnp.ndarray:
+                 src_mask: jnp.ndarray | None = None) -> jnp.ndarray:
         """y: [B, T, D] target states; memory: [B, S, D] encoder output;
-        src_mask: [B, 1, 1, S]  ->  [B, T, D]. Position t sees targets <= t only."""
+        src_mask: [B, 1, 1, S] (None: no padding)  ->  [B, T, D]. Position t sees targets
+        <= t only."""
         y = self.add_norm_1(y, lambda h: self.self_attention(h, causal=True))
         y = self.add_norm_2(y, lambda h: self.cross_attention(h, memory, src_mask))
         return self.add_norm_3(y, self.feed_forward)
@@ -220,8 +219,9 @@ class Encoder(nnx.Module):
         )
         self.final_norm = LayerNorm(config, rngs=rngs) if config.norm == "pre" else None
 
-    def __call__(self, x: jnp.ndarray, src_mask: jnp.ndarray | None) -> jnp.ndarray:
-        """x: [B, S, D] embedded source; src_mask: [B, 1, 1, S]  ->  memory [B, S, D]"""
+    def __call__(self, x: jnp.ndarray, src_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        """x: [B, S, D] embedded source; src_mask: [B, 1, 1, S] (None: no padding)
+        ->  memory [B, S, D]"""
         x = _run_layers(self.layers, x, src_mask, remat=self.remat, scan=self.scan)
         return x if self.final_norm is None else self.final_norm(x)
 
@@ -244,8 +244,9 @@ class Decoder(nnx.Module):
         self.final_norm = LayerNorm(config, rngs=rngs) if config.norm == "pre" else None
 
     def __call__(self, y: jnp.ndarray, memory: jnp.ndarray,
-                 src_mask: jnp.ndarray | None) -> jnp.ndarray:
-        """y: [B, T, D] embedded targets; memory: [B, S, D]; src_mask: [B, 1, 1, S] -> [B, T, D]"""
+                 src_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        """y: [B, T, D] embedded targets; memory: [B, S, D]; src_mask: [B, 1, 1, S] (None: no
+        padding) -> [B, T, D]"""
         y = _run_layers(self.layers, y, memory, src_mask, remat=self.remat, scan=self.scan)
         return y if self.final_norm is None else self.final_norm(y)
 
