@@ -51,7 +51,11 @@ RUN_DEFINING_FIELDS = ("task", "reverse_target", "train_file", "valid_file", "te
 # picks the default work directory, and "keep_checkpoints" changes nothing there (every kept
 # checkpoint may be averaged).
 READING_FIELDS = ("decode", "beam_size", "length_penalty", "eval_batch_size", "eval_buckets",
-                  "average_checkpoints", "keep_checkpoints", "data_dir", "task", "devices")
+                  "average_checkpoints", "keep_checkpoints", "data_dir", "train_file",
+                  "valid_file", "test_file", "task", "devices", "bleu_tokenize")
+# Where the data is (not what it is): --resume accepts a new location when the run saved a
+# fingerprint of its data, which then must match (training/loop.py).
+DATA_LOCATION_FIELDS = ("train_file", "valid_file", "test_file", "data_dir")
 
 
 def default_workdir(preset: str | None, task: str | None) -> str:
@@ -163,7 +167,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
 
 def run(args: argparse.Namespace, training_fields: list[str], model_fields: list[str]) -> int:
     from flax_transformer.data import available_tasks
-    from flax_transformer.training.checkpoint import load_run_config
+    from flax_transformer.data.fingerprint import DATA_FILE
+    from flax_transformer.training.checkpoint import load_run_config, tokenizer_dir
     from flax_transformer.training.config import resolve_preset
     from flax_transformer.training.loop import train
     from flax_transformer.training.runs import evaluate_run, predict
@@ -237,12 +242,16 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
             raise ValueError(f"model setting(s) {changed} cannot change when resuming; drop "
                              "them or train in a new --workdir")
         wanted = config.replace(**training_overrides).with_absolute_paths()
+        movable = (DATA_LOCATION_FIELDS
+                   if (tokenizer_dir(workdir) / DATA_FILE).is_file() else ())
         redefined = sorted(k for k in RUN_DEFINING_FIELDS if k in training_overrides
-                           and getattr(wanted, k) != getattr(config, k))
+                           and k not in movable and getattr(wanted, k) != getattr(config, k))
         if redefined:
             raise ValueError(f"setting(s) {redefined} define what the run learns and cannot "
                              "change when resuming; drop them or train in a new --workdir")
         config = config.replace(**training_overrides)
+        if config.missing_data() is not None:
+            raise ValueError(config.missing_data())
     elif training_overrides.get("init_from") is not None:
         # Fine-tuning: the model is the other run's; so are the task and training settings
         # unless --preset names others (train() refuses another task). Flags override either.

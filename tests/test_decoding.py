@@ -469,3 +469,44 @@ def test_decode_step_checks_concrete_positions_and_init_cache_its_mask():
         model.init_cache(memory, mask[:, 0, 0], 4)  # [B, S], not [B, 1, 1, S]
     with pytest.raises(ValueError, match="mask must be boolean"):
         model.init_cache(memory, mask.astype(jnp.int32), 4)
+
+
+def test_row_max_len_stops_each_row_as_if_decoded_alone():
+    """row_max_len caps each row on its own: a row's output (greedy, beam) is the one it gets
+    decoded alone with max_len = its cap, whatever its batch-mates' caps. (A sampled row's
+    draws depend on the batch's shape, so sampling is only checked to keep the caps.)"""
+    model = model_for(3)
+    caps = np.array([2, 8, 5], np.int32)
+    greedy = greedy_decode(model, SRC, max_len=MAX_LEN, row_max_len=caps, ignore_eos=True)
+    sampled = sample_decode(model, SRC, rng=7, max_len=MAX_LEN, row_max_len=caps,
+                            ignore_eos=True)
+    assert (sampled != PAD_ID).sum(axis=1).tolist() == caps.tolist()
+    best, scores = beam_search(model, SRC, beam_size=3, max_len=MAX_LEN, row_max_len=caps)
+    assert (greedy != PAD_ID).sum(axis=1).tolist() == caps.tolist()  # eos ignored: full caps
+    for row, cap in enumerate(caps):
+        source = SRC[row:row + 1]
+        alone = greedy_decode(model, source, max_len=int(cap), ignore_eos=True)[0]
+        np.testing.assert_array_equal(greedy[row, :len(alone)], alone)
+        assert np.all(greedy[row, len(alone):] == PAD_ID)
+        alone, alone_score = beam_search(model, source, beam_size=3, max_len=int(cap))
+        np.testing.assert_array_equal(best[row, :alone.shape[1]], alone[0])
+        assert np.all(best[row, alone.shape[1]:] == PAD_ID)
+        np.testing.assert_allclose(scores[row], alone_score[0], rtol=1e-5)
+    # None is max_len for every row
+    np.testing.assert_array_equal(
+        greedy_decode(model, SRC, max_len=MAX_LEN, row_max_len=[MAX_LEN] * 3),
+        greedy_decode(model, SRC, max_len=MAX_LEN))
+
+
+@pytest.mark.parametrize("caps, match", [
+    ([2, 3], r"one integer per source row \(3\)"),
+    ([2.0, 3.0, 4.0], "one integer per source row"),
+    ([0, 3, 4], r"in \[1, max_len=8\]"),
+    ([2, 9, 4], r"in \[1, max_len=8\], got values in \[2, 9\]"),
+])
+def test_bad_row_max_len_is_refused(caps, match):
+    model = model_for(0)
+    for decode in (lambda **kw: greedy_decode(model, SRC, max_len=MAX_LEN, **kw),
+                   lambda **kw: beam_search(model, SRC, max_len=MAX_LEN, **kw)):
+        with pytest.raises(ValueError, match=match):
+            decode(row_max_len=caps)

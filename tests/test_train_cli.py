@@ -330,6 +330,37 @@ def test_evaluate_with_nothing_to_score_says_so(capsys, tmp_path):
                     "has no valid or test examples to score")
 
 
+def test_a_run_whose_data_moved_is_pointed_at_it_anew(capsys, tmp_path):
+    """--evaluate and --resume name the data flags when the saved files are gone, accept a
+    new location, and --resume still refuses data that is not the same."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    pairs = "".join(f"satz {i} hier\tsentence {i} here\n" for i in range(40))
+    (old / "pairs.tsv").write_text(pairs)
+    workdir = tmp_path / "w"
+    tiny = ["--preset", "tiny", "--steps", "2", "--subword-vocab-size", "40", "--no-progress",
+            "--no-tensorboard", "--warmup-steps", "1", "--eval-every", "2", "--workdir",
+            str(workdir)]
+    assert train_cli.main(["--task", "translate", "--train-file", str(old / "pairs.tsv"),
+                           *tiny]) == 0
+    # A vocabulary smaller than asked for is said, with the size the run uses.
+    assert re.search(r"allows \d+ subword pieces, not the 40 asked", capsys.readouterr().err)
+    old.rename(new)
+    line = _one_error_line(capsys, ["--evaluate", "--workdir", str(workdir)],
+                           f"--train-file {old / 'pairs.tsv'}")
+    assert "pass its new location" in line
+    moved = ["--train-file", str(new / "pairs.tsv")]
+    assert train_cli.main(["--evaluate", "--workdir", str(workdir), *moved]) == 0
+    assert "test (" in capsys.readouterr().out
+    _one_error_line(capsys, ["--resume", "--steps", "4", "--workdir", str(workdir)],
+                    f"--train-file {old / 'pairs.tsv'}")
+    assert train_cli.main(["--resume", "--steps", "4", "--no-progress", "--workdir",
+                           str(workdir), *moved]) == 0
+    (new / "pairs.tsv").write_text(pairs.replace("satz 3", "satz drei"))
+    _one_error_line(capsys, ["--resume", "--steps", "6", "--workdir", str(workdir), *moved],
+                    "changed since it started")
+
+
 def test_help_explains_every_flag_and_lists_the_choices(capsys):
     import dataclasses
 

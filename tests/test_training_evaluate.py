@@ -61,3 +61,26 @@ def test_eval_batches_are_never_padded_past_the_largest_split():
     size = eval_batch_size(10**6, [three])
     padded = EvalSet(three, eval_bucket_lengths([three], 1, 64), 64, size)
     assert [arrays["src"].shape[0] for arrays, _ in padded.batches] == [3]
+
+
+def test_a_prediction_does_not_depend_on_the_other_sources_of_its_batch():
+    """Each row's budget comes from its own length, not the batch's padded width: a short
+    source that never says eos (a random model) gets the same output alone or beside a long
+    one, greedy and beam, and with `rescored_predictions`' beam too."""
+    import numpy as np
+    from flax import nnx
+
+    from flax_transformer import Transformer
+    from flax_transformer.training.evaluate import decode_batch, decode_len
+
+    model = Transformer(TransformerConfig.preset(
+        "tiny", d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1, num_decoder_layers=1,
+        max_len=48), rngs=nnx.Rngs(0))
+    short = np.array([[5, 6, 2] + [0] * 13])
+    batch = np.concatenate([short, np.array([[7] * 15 + [2]])])
+    for decode in ("greedy", "beam"):
+        config = TrainingConfig(decode=decode, beam_size=2)
+        alone, beside = decode_batch(model, short, config), decode_batch(model, batch, config)
+        assert (alone[0] != 0).sum() == decode_len(48, 3)  # no eos: it used its whole budget
+        np.testing.assert_array_equal(beside[0, :alone.shape[1]], alone[0])
+        assert np.all(beside[0, alone.shape[1]:] == 0)

@@ -46,3 +46,9 @@ def test_devices_field_is_a_non_negative_integer():
 
 def test_two_devices_compute_the_one_device_steps_and_runs_resume_on_any_count(tmp_path):
     _child(str(tmp_path))
+    # A run trained on two devices is read in a process that has one (a GPU box's run
+    # predicted on a laptop): its replicated arrays land on this process's device.
+    from flax_transformer.training.runs import latest_state
+
+    _, state, _, _ = latest_state(tmp_path / "two")
+    assert int(state.step) == 4 and len(jax.devices()) == 1

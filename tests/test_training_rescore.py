@@ -10,7 +10,12 @@ from flax_transformer.data.tasks import Task
 from flax_transformer.data.vocab import strip_special
 from flax_transformer.decoding import beam_search, gnmt_length_penalty, sequence_log_probs
 from flax_transformer.training import TrainingConfig
-from flax_transformer.training.evaluate import EvalSet, decode_examples, decode_len
+from flax_transformer.training.evaluate import (
+    EvalSet,
+    decode_examples,
+    decode_len,
+    row_decode_lens,
+)
 from flax_transformer.training.loop import train
 from flax_transformer.training.rescore import Scorer, check_same_tokenizers, rescored_predictions
 from flax_transformer.training.runs import evaluate_run
@@ -23,6 +28,8 @@ def test_reverse_tokens_keeps_eos_and_padding_in_place():
     assert reverse_tokens([5, 6, 7, EOS_ID, 0, 0]) == [7, 6, 5, EOS_ID, 0, 0]
     assert reverse_tokens(np.array([5, 6, 7])) == [7, 6, 5]  # no eos: a truncated hypothesis
     assert reverse_tokens([EOS_ID, 0]) == [EOS_ID, 0]
+    # cut off before its eos and padded (a row whose own budget ends before the batch's)
+    assert reverse_tokens([5, 6, 7, 0, 0]) == [7, 6, 5, 0, 0]
     ids = [4, 9, 3, 8, EOS_ID, 0]
     assert reverse_tokens(reverse_tokens(ids)) == ids
     example = Example([4, 5, EOS_ID], [6, 7, 8, EOS_ID], refs=("x",))
@@ -87,9 +94,10 @@ def test_rescoring_picks_the_best_mean_score_of_all_models():
     expected = []
     for arrays, ids in eval_set.batches:
         src = arrays["src"]
-        width = decode_len(CONFIG.max_len, src.shape[1])
+        width = decode_len(CONFIG.max_len, src.shape[1])  # each row: its own source's budget
         tokens, _ = beam_search(decoder, src, beam_size=4, max_len=width, length_penalty=0.6,
-                                return_all_beams=True)
+                                return_all_beams=True,
+                                row_max_len=row_decode_lens(CONFIG.max_len, src))
         for row, index in enumerate(ids):
             if index < 0:
                 continue

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flax_transformer.data.tasks import Example
-from flax_transformer.data.vocab import BOS_ID, EOS_ID
+from flax_transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
 
 REMAINDERS = ("pad", "fill", "drop")
 
@@ -87,10 +87,11 @@ def fit_to_length(examples: Sequence[Example], max_len: int) -> tuple[list[Examp
 
 
 def reverse_tokens(ids: Sequence[int]) -> list[int]:
-    """The tokens before the first eos in reverse order, then the rest as it was:
-    ``[a, b, c, eos, pad]`` -> ``[c, b, a, eos, pad]``. Its own inverse (right-to-left targets)."""
+    """The tokens before the first eos (or pad, in an output cut off before its eos) in
+    reverse order, then the rest as it was: ``[a, b, c, eos, pad]`` -> ``[c, b, a, eos, pad]``,
+    ``[a, b, pad]`` -> ``[b, a, pad]``. Its own inverse (right-to-left targets)."""
     ids = [int(i) for i in ids]
-    end = ids.index(EOS_ID) if EOS_ID in ids else len(ids)
+    end = next((i for i, token in enumerate(ids) if token in (EOS_ID, PAD_ID)), len(ids))
     return ids[:end][::-1] + ids[end:]
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from flax_transformer.data.tasks import MissingDependencyError, hash_split, read_lines
 
 DING_PATH = Path("/usr/share/trans/de-en")
-DING_HINT = "apt-get install trans-de-en (Debian/Ubuntu), or pass data_dir holding its 'de-en'"
+DING_HINT = ("apt-get install trans-de-en (Debian/Ubuntu), or pass --data-dir DIR (data_dir) "
+             "holding its 'de-en' file")
 _SENTENCE_END = re.compile(r"[.!?]$")
 _OPTIONAL = re.compile(r"\s*\([^()]*\)")
 _SKIP = re.compile(r"[{}\[\]/~()]")

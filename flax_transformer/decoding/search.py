@@ -24,6 +24,7 @@ from .common import (
     check_model,
     check_positive_int,
     check_real,
+    check_row_max_len,
     first_argmax,
     merge_for_decoding,
     prepare_source,
@@ -91,7 +92,7 @@ def _compiled_search(graphdef, max_len: int, use_cache: bool, sampling: bool,
                      split: RowSplit | None):
     """The jitted decoding loop for one model structure and one set of static options."""
 
-    def run(state, src, rng, temperature, top_p, ignore_eos):
+    def run(state, src, limits, rng, temperature, top_p, ignore_eos):
         model = merge_for_decoding(graphdef, state)
         memory, src_mask = model.encode(src), padding_mask(src)
         batch = src.shape[0]
@@ -125,7 +126,8 @@ def _compiled_search(graphdef, max_len: int, use_cache: bool, sampling: bool,
                 logits_buffer = jax.lax.dynamic_update_slice(
                     logits_buffer, jnp.where(finished[:, None], 0.0, logits)[:, None],
                     (0, t, 0))
-            finished = finished | ((token == EOS_ID) & ~ignore_eos)
+            # A row ends at eos or at its own limit (as if decoded alone with max_len=limit).
+            finished = finished | ((token == EOS_ID) & ~ignore_eos) | (t + 1 >= limits)
             return t + 1, tokens, finished, cache, logits_buffer
 
         def not_done(carry):
@@ -138,7 +140,7 @@ def _compiled_search(graphdef, max_len: int, use_cache: bool, sampling: bool,
         _, tokens, _, _, logits_buffer = jax.lax.while_loop(not_done, body, start)
         return tokens[:, 1:], logits_buffer
 
-    return jax.jit(run) if split is None else split.jit(run, row_args=(1,))
+    return jax.jit(run) if split is None else split.jit(run, row_args=(1, 2))
 
 
 def _as_key(rng) -> jax.Array:
@@ -156,19 +158,20 @@ def _as_key(rng) -> jax.Array:
 
 
 def _run(model, src_tokens, *, max_len, use_cache, sampling, rng, temperature, top_k, top_p,
-         ignore_eos, return_logits, devices=None):
+         ignore_eos, return_logits, devices=None, row_max_len=None):
     use_cache, ignore_eos, return_logits = (
         check_bool(use_cache, "use_cache"), check_bool(ignore_eos, "ignore_eos"),
         check_bool(return_logits, "return_logits"))
     split = RowSplit.of(devices)
     src = prepare_source(model, src_tokens)
+    limits = check_row_max_len(row_max_len, src.shape[0], max_len)
     graphdef, state = split_model(model)
     rows = src.shape[0]
     if split is not None:
-        state, src = split.put(state, src)
+        state, src, limits = split.put(state, src, limits)
     fn = _compiled_search(graphdef, max_len, use_cache, sampling, top_k,
                           top_p is not None, return_logits, split)
-    tokens, logits = fn(state, src, rng, jnp.float32(temperature),
+    tokens, logits = fn(state, src, jnp.asarray(limits), rng, jnp.float32(temperature),
                         jnp.float32(1.0 if top_p is None else top_p), jnp.bool_(ignore_eos))
     tokens = trim(np.asarray(tokens)[:rows])
     if return_logits:
@@ -177,7 +180,8 @@ def _run(model, src_tokens, *, max_len, use_cache, sampling, rng, temperature, t
 
 
 def greedy_decode(model, src_tokens, *, max_len: int, use_cache: bool = True,
-                  ignore_eos: bool = False, return_logits: bool = False, devices=None):
+                  ignore_eos: bool = False, return_logits: bool = False, devices=None,
+                  row_max_len=None):
     """Greedy decoding: at each step the most probable next token (pad and bos excluded).
 
     model: a `Transformer` (its dropout mode is left untouched; decoding runs in eval mode);
@@ -189,7 +193,10 @@ def greedy_decode(model, src_tokens, *, max_len: int, use_cache: bool = True,
     return_logits: also return the raw step logits [B, L, V] (before pad/bos suppression;
         zeros after a row's eos, whose steps the batch's other rows may or may not run);
     devices: None (the default device), or a list of devices that each decode their share of
-        the rows (e.g. jax.local_devices(); see `flax_transformer.parallel.RowSplit`).
+        the rows (e.g. jax.local_devices(); see `flax_transformer.parallel.RowSplit`);
+    row_max_len: None, or [B] ints in [1, max_len]: row b generates at most row_max_len[b]
+        tokens, its output that of decoding it alone with max_len=row_max_len[b] (a budget
+        from each source's own length keeps a row's output independent of its batch).
 
     Returns tokens: np.ndarray int32 [B, L], L <= max_len: the generated tokens without the
     leading bos, up to and including eos, then 0 (pad); trailing columns that are padding in
@@ -199,22 +206,23 @@ def greedy_decode(model, src_tokens, *, max_len: int, use_cache: bool = True,
     max_len = check_max_len(model, max_len)
     return _run(model, src_tokens, max_len=max_len, use_cache=use_cache, sampling=False,
                 rng=jax.random.key(0), temperature=1.0, top_k=None, top_p=None,
-                ignore_eos=ignore_eos, return_logits=return_logits, devices=devices)
+                ignore_eos=ignore_eos, return_logits=return_logits, devices=devices,
+                row_max_len=row_max_len)
 
 
 def sample_decode(model, src_tokens, *, rng, max_len: int, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-                  ignore_eos: bool = False, return_logits: bool = False):
+                  ignore_eos: bool = False, return_logits: bool = False, row_max_len=None):
     """Ancestral sampling: each step draws the next token from softmax(logits / temperature),
     restricted to the `top_k` most likely tokens and/or the nucleus of mass `top_p`
     (pad and bos are never drawn). Step t uses the key `fold_in(rng, t)`, so a fixed `rng`
     gives the same output. rng: a `jax.random.key` (or an int seed). top_k=1 is greedy.
 
-    Returns the same as `greedy_decode`.
+    Returns the same as `greedy_decode` (which documents `row_max_len`).
     """
     check_model(model)
     max_len = check_max_len(model, max_len)
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     return _run(model, src_tokens, max_len=max_len, use_cache=use_cache, sampling=True,
                 rng=_as_key(rng), temperature=temperature, top_k=top_k, top_p=top_p,
-                ignore_eos=ignore_eos, return_logits=return_logits)
+                ignore_eos=ignore_eos, return_logits=return_logits, row_max_len=row_max_len)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import ConfigMethods, TransformerConfig, as_bool, as_finite_float, option
 from ..data import available_tasks
-from ..data.translate import CORPORA
+from ..data.translate import BLEU_TOKENIZERS, CORPORA
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("noam", "cosine", "rsqrt", "constant")
@@ -108,6 +108,9 @@ class TrainingConfig(ConfigMethods):
         None, "use at most this many examples of each split (a quick try)")
     subword_vocab_size: int = option(8000, "translate: size of the joint SentencePiece vocabulary")
     corpus: str | None = option(None, "translate: built-in corpus bible (default) or trans-de-en")
+    bleu_tokenize: str = option(
+        "13a", "translate: sacreBLEU's tokenizer for BLEU (13a; zh, ja-mecab, ko-mecab or char "
+        "for targets without spaces between words)")
     train_file: str | None = option(None, "your training pairs: source<TAB>target per line")
     valid_file: str | None = option(None, "your validation pairs (default: carved from train_file)")
     test_file: str | None = option(None, "your test pairs (default: carved from train_file)")
@@ -120,6 +123,17 @@ class TrainingConfig(ConfigMethods):
         run saves, so that its config works from any directory)."""
         return self.replace(**{name: os.path.abspath(getattr(self, name))
                                for name in PATH_FIELDS if getattr(self, name) is not None})
+
+    def missing_data(self) -> str | None:
+        """None, or a ValueError message naming the data files and data_dir this config names
+        that no longer exist (a run's data moved), with the flags that point at them anew."""
+        gone = [f"--{name.replace('_', '-')} {getattr(self, name)}"
+                for name in ("train_file", "valid_file", "test_file", "data_dir")
+                if getattr(self, name) is not None and not os.path.exists(getattr(self, name))]
+        if not gone:
+            return None
+        return (f"the run's data is no longer where it was ({', '.join(gone)}): pass its new "
+                "location with the same flag(s); the run checks that the data is the same")
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "num_buckets", "log_every", "eval_every",
@@ -160,12 +174,16 @@ class TrainingConfig(ConfigMethods):
                 object.__setattr__(self, name, value)  # frozen: stored as a plain str
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ValueError(f"{name} must be a path (or unset), got {value!r}")
-        choices = {"optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES, "decode": DECODERS}
+        choices = {"optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES, "decode": DECODERS,
+                   "bleu_tokenize": BLEU_TOKENIZERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} is not known; choose one of {allowed}"
                 )
+        if self.bleu_tokenize != "13a" and self.task != "translate":
+            raise ValueError(f"bleu_tokenize is an option of task 'translate', not "
+                             f"{self.task!r}; drop --bleu-tokenize")
         if self.corpus is not None:
             if self.task != "translate":
                 raise ValueError(f"corpus is an option of task 'translate', not {self.task!r}; "

@@ -112,8 +112,15 @@ def evaluate_loss(eval_step: Callable, params: Any, eval_set: EvalSet,
 
 
 def decode_len(model_max_len: int, src_len: int) -> int:
-    """Tokens to generate for sources padded to `src_len`: 1.5x + 10, at most max_len."""
+    """Tokens to generate for a source of `src_len` tokens: 1.5x + 10, at most max_len."""
     return min(model_max_len, int(1.5 * src_len) + 10)
+
+
+def row_decode_lens(model_max_len: int, src: np.ndarray) -> np.ndarray:
+    """`decode_len` of each row of `src` [B, S] from its own length (its non-pad tokens), so
+    that an output never depends on the other sources of its batch: [B] int32."""
+    lengths = (np.asarray(src) != 0).sum(axis=1)
+    return np.minimum(model_max_len, (1.5 * lengths).astype(np.int64) + 10).astype(np.int32)
 
 
 def decode_batch(model, src: np.ndarray, config: TrainingConfig,
@@ -125,16 +132,20 @@ def decode_batch(model, src: np.ndarray, config: TrainingConfig,
     from ..decoding import beam_search, ensemble_members, greedy_decode
 
     members = ensemble_members(model)
-    if max_len is None:
-        max_len = decode_len(min(m.config.max_len for m in members), src.shape[1])
+    rows = None
+    if max_len is None:  # compiled for the padded width, each row stopped at its own budget
+        limit = min(m.config.max_len for m in members)
+        max_len, rows = decode_len(limit, src.shape[1]), row_decode_lens(limit, src)
     if config.decode == "beam":
         tokens, _ = beam_search(model, src, beam_size=config.beam_size, max_len=max_len,
-                                length_penalty=config.length_penalty, devices=devices)
+                                length_penalty=config.length_penalty, devices=devices,
+                                row_max_len=rows)
         return np.asarray(tokens)
     if len(members) > 1:
         raise ValueError("an ensemble decodes with beam search: use decode='beam' "
                          "(--decode beam)")
-    return np.asarray(greedy_decode(members[0], src, max_len=max_len, devices=devices))
+    return np.asarray(greedy_decode(members[0], src, max_len=max_len, devices=devices,
+                                    row_max_len=rows))
 
 
 def decode_examples(model, eval_set: EvalSet, config: TrainingConfig,

@@ -248,6 +248,11 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     warning = cut_warning({k: v for k, v in cuts.items() if k != "train"}, max_len)
     if warning:
         print(warning, file=sys.stderr)
+    asked = getattr(task.src_vocab, "vocab_size_requested", None)  # a subword vocabulary
+    if asked is not None and len(task.src_vocab) < asked:
+        print(f"warning: the training text allows {len(task.src_vocab)} subword pieces, not "
+              f"the {asked} asked for (subword_vocab_size); the run uses "
+              f"{len(task.src_vocab)}", file=sys.stderr)
     _say(f"model: {count_params(state.params):,} parameters, d_model {model_config.d_model}, "
          f"{model_config.num_encoder_layers}+{model_config.num_decoder_layers} layers, "
          f"{model_config.dtype} compute; "

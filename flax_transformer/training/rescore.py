@@ -22,7 +22,7 @@ from ..data import PAD_ID, Task, reverse_tokens
 from ..decoding import beam_search, ensemble_members, gnmt_length_penalty, sequence_log_probs
 from ..decoding.common import trim
 from .config import TrainingConfig
-from .evaluate import EvalSet, decode_len
+from .evaluate import EvalSet, decode_len, row_decode_lens
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,12 @@ def rescored_predictions(model, scorers: Sequence[Scorer], eval_set: EvalSet,
     predictions: list[list[int]] = [[] for _ in range(len(eval_set))]
     for arrays, ids in eval_set.batches:
         src = arrays["src"]
-        width = decode_len(ensemble_members(model)[0].config.max_len, src.shape[1])
+        limit = min(m.config.max_len for m in ensemble_members(model))
+        width = decode_len(limit, src.shape[1])
         tokens, beam_scores = beam_search(model, src, beam_size=config.beam_size,
                                           max_len=width, length_penalty=alpha,
-                                          return_all_beams=True, devices=devices)
+                                          return_all_beams=True, devices=devices,
+                                          row_max_len=row_decode_lens(limit, src))
         rows, k, length = tokens.shape
         hyps = np.zeros((rows * k, width), np.int32)  # fixed width: one compile per bucket
         hyps[:, :length] = tokens.reshape(rows * k, length)

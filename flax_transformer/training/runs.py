@@ -39,7 +39,8 @@ def build_task(config: TrainingConfig, tokenizers: str | Path | None = None) -> 
     saved tokenizers (resume, predict). Raises ValueError for an empty training split."""
     options: dict[str, Any] = {}
     if config.task == "translate":
-        options.update(vocab_size=config.subword_vocab_size, corpus=config.corpus)
+        options.update(vocab_size=config.subword_vocab_size, corpus=config.corpus,
+                       bleu_tokenize=config.bleu_tokenize)
     task = load_task(config.task, seed=config.seed, train_file=config.train_file,
                      valid_file=config.valid_file, test_file=config.test_file,
                      data_dir=config.data_dir, max_examples=config.max_examples,
@@ -175,6 +176,8 @@ def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = ()
     if devices is not None:  # the models' weights on every device once, not once per batch
         for member in [*ensemble_members(decoder), *(scorer.model for scorer in scorers)]:
             nnx.update(member, devices.replicate(nnx.state(member)))
+    if config.missing_data() is not None:
+        raise ValueError(config.missing_data())
     task = build_task(config, tokenizer_dir(workdir))
     changed = changed_splits(task, tokenizer_dir(workdir), splits)
     if changed:

@@ -83,8 +83,19 @@ def init_train_state(params, tx: optax.GradientTransformation, seed: int) -> Tra
 
 
 def abstract_train_state(state: TrainState) -> TrainState:
-    """Shapes and dtypes of `state` (a restore target that allocates nothing)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), state)
+    """Shapes, dtypes and shardings of `state` (a restore target that allocates nothing).
+
+    Each leaf is placed where `state`'s is (this process's first device for host values), so
+    a checkpoint saved on any number of devices is read onto this process's: without a
+    sharding, orbax would rebuild the saved one and fail on a machine with fewer devices."""
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def abstract(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x),
+                                    sharding=here if sharding is None else sharding)
+
+    return jax.tree.map(abstract, state)
 
 
 def count_params(params) -> int:
