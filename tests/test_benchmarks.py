@@ -18,6 +18,14 @@ def n_params(model):
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def case_result(fwd_s: float, fwd_bwd_s: float, **changes) -> dict:
+    """What `bench_attention.run_case` returns for a case that ran (a CPU JAX case unless
+    `changes` say otherwise)."""
+    return {"status": "ok", "fwd_s": fwd_s, "fwd_bwd_s": fwd_bwd_s, "peak_bytes": 2**20,
+            "baseline_bytes": 0, "repeats": 1, "dtype": "float32", "backend": "cpu",
+            "jax": "JAX (test) on cpu", **changes}
+
+
 def test_flax_peer_has_our_architecture_and_parameter_count():
     ours = Transformer(TINY, rngs=nnx.Rngs(0))
     peer = FlaxPeerTransformer(TINY, rngs=nnx.Rngs(0))
@@ -115,9 +123,7 @@ def test_bench_attention_keeps_finished_lengths_when_cut_short(tmp_path, monkeyp
         if spec["length"] == 256:
             raise KeyboardInterrupt  # the run is killed during the second length
         seconds = {"blockwise": 0.5, "jax.nn": 1.0}[spec["impl"]]
-        return {"status": "ok", "fwd_s": seconds, "fwd_bwd_s": 3 * seconds, "peak_bytes": 2**20,
-                "baseline_bytes": 0, "repeats": 1, "dtype": "float32", "backend": "cpu",
-                "jax": "JAX (test) on cpu"}
+        return case_result(seconds, 3 * seconds)
 
     monkeypatch.setattr(bench_attention, "run_case", fake_case)
     results = tmp_path / "RESULTS.md"
@@ -149,9 +155,7 @@ def test_bench_attention_rounds_interleave_and_report_medians(monkeypatch, capsy
         seconds = fwd[case][sum(c == case for c in calls) - 1]
         if seconds is None:
             return {"status": "OOM"}
-        return {"status": "ok", "fwd_s": seconds, "fwd_bwd_s": 3 * seconds,
-                "peak_bytes": 2**20 * len(calls), "baseline_bytes": 0, "repeats": 1,
-                "dtype": "float32", "backend": "cpu", "jax": "JAX (test) on cpu"}
+        return case_result(seconds, 3 * seconds, peak_bytes=2**20 * len(calls))
 
     monkeypatch.setattr(bench_attention, "run_case", fake_case)
     bench_attention.main(["--lengths", "128,256", "--causal", "--impls", "blockwise,jax.nn",
@@ -345,9 +349,7 @@ def test_bench_attention_no_results_writes_no_plot(monkeypatch, capsys):
     from benchmarks import bench_attention
 
     def fake_case(spec, timeout, mem_limit):
-        return {"status": "ok", "fwd_s": 0.1, "fwd_bwd_s": 0.3, "peak_bytes": 2**20,
-                "baseline_bytes": 0, "repeats": 1, "dtype": "float32", "backend": "cpu",
-                "jax": "JAX (test) on cpu"}
+        return case_result(0.1, 0.3)
 
     plots, sections = [], []
     monkeypatch.setattr(bench_attention, "run_case", fake_case)
@@ -450,9 +452,7 @@ def test_bench_attention_without_torch_drops_it_with_the_install_hint(tmp_path, 
 
     def fake_case(spec, timeout, mem_limit):
         ran.append(spec["impl"])
-        return {"status": "ok", "fwd_s": 0.1, "fwd_bwd_s": 0.3, "peak_bytes": 2**20,
-                "baseline_bytes": 0, "repeats": 1, "dtype": "float32", "backend": "cpu",
-                "jax": "JAX (test) on cpu"}
+        return case_result(0.1, 0.3)
 
     monkeypatch.setattr(bench_attention, "run_case", fake_case)
     bench_attention.main(["--lengths", "128", "--causal", "--impls", "blockwise,torch",
@@ -469,9 +469,8 @@ def test_bench_attention_files_a_torch_only_run_under_torchs_device(tmp_path, mo
     real = bench_attention.importlib.util.find_spec
     monkeypatch.setattr(bench_attention.importlib.util, "find_spec",  # as on a torch machine
                         lambda name, *a: True if name == "torch" else real(name, *a))
-    monkeypatch.setattr(bench_attention, "run_case", lambda spec, timeout, mem_limit: {
-        "status": "ok", "fwd_s": 0.001, "fwd_bwd_s": 0.003, "peak_bytes": 2**20,
-        "baseline_bytes": 0, "repeats": 1, "dtype": "bfloat16", "backend": "gpu", "jax": None})
+    monkeypatch.setattr(bench_attention, "run_case", lambda spec, timeout, mem_limit:
+                        case_result(0.001, 0.003, dtype="bfloat16", backend="gpu", jax=None))
     results = tmp_path / "RESULTS.md"
     bench_attention.main(["--lengths", "128", "--causal", "--impls", "torch",
                           "--results", str(results), "--out", str(tmp_path / "p.png")])
@@ -490,9 +489,7 @@ def test_bench_attention_estimates_the_calls_a_case_makes(monkeypatch, capsys):
 
     def fake_case(spec, timeout, mem_limit):
         lengths.append(spec["length"])
-        return {"status": "ok", "fwd_s": 1.0, "fwd_bwd_s": 2.0, "peak_bytes": 2**20,
-                "baseline_bytes": 0, "repeats": 3, "dtype": "float32", "backend": "cpu",
-                "jax": "JAX (test) on cpu"}
+        return case_result(1.0, 2.0, repeats=3)
 
     monkeypatch.setattr(bench_attention, "run_case", fake_case)
     bench_attention.main(["--lengths", "128,256", "--causal", "--impls", "blockwise",
