@@ -37,6 +37,7 @@ keep_freed_memory()  # before JAX runs anything: ~2x faster steps on CPU
 
 from flax_transformer.config import TransformerConfig  # noqa: E402
 from flax_transformer.training.config import (  # noqa: E402
+    DATA_PATH_FIELDS,
     PATH_FIELDS,
     RUN_PRESETS,
     TrainingConfig,
@@ -53,9 +54,6 @@ RUN_DEFINING_FIELDS = ("task", "reverse_target", "train_file", "valid_file", "te
 READING_FIELDS = ("decode", "beam_size", "length_penalty", "eval_batch_size", "eval_buckets",
                   "average_checkpoints", "keep_checkpoints", "data_dir", "train_file",
                   "valid_file", "test_file", "task", "devices", "bleu_tokenize")
-# Where the data is (not what it is): --resume accepts a new location when the run saved a
-# fingerprint of its data, which then must match (training/loop.py).
-DATA_LOCATION_FIELDS = ("train_file", "valid_file", "test_file", "data_dir")
 
 
 def default_workdir(preset: str | None, task: str | None) -> str:
@@ -242,16 +240,17 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
             raise ValueError(f"model setting(s) {changed} cannot change when resuming; drop "
                              "them or train in a new --workdir")
         wanted = config.replace(**training_overrides).with_absolute_paths()
-        movable = (DATA_LOCATION_FIELDS
-                   if (tokenizer_dir(workdir) / DATA_FILE).is_file() else ())
+        # Where the data is (not what it is) may change when the run saved a fingerprint of
+        # its data, which must then match (training/loop.py).
+        movable = DATA_PATH_FIELDS if (tokenizer_dir(workdir) / DATA_FILE).is_file() else ()
         redefined = sorted(k for k in RUN_DEFINING_FIELDS if k in training_overrides
                            and k not in movable and getattr(wanted, k) != getattr(config, k))
         if redefined:
             raise ValueError(f"setting(s) {redefined} define what the run learns and cannot "
                              "change when resuming; drop them or train in a new --workdir")
         config = config.replace(**training_overrides)
-        if config.missing_data() is not None:
-            raise ValueError(config.missing_data())
+        if missing := config.missing_data():
+            raise ValueError(missing)
     elif training_overrides.get("init_from") is not None:
         # Fine-tuning: the model is the other run's; so are the task and training settings
         # unless --preset names others (train() refuses another task). Flags override either.
@@ -268,7 +267,7 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
         raise ValueError(f"--min-lr-ratio is where the cosine schedule ends; --lr-schedule is "
                          f"{config.lr_schedule!r}, which never reads it: drop --min-lr-ratio or "
                          "add --lr-schedule cosine")
-    for name in ("train_file", "valid_file", "test_file", "data_dir"):
+    for name in DATA_PATH_FIELDS:
         path = training_overrides.get(name)
         want = "directory" if name == "data_dir" else "file"
         if path is None:

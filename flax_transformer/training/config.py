@@ -18,7 +18,8 @@ from ..data.translate import BLEU_TOKENIZERS, CORPORA
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("noam", "cosine", "rsqrt", "constant")
 # The fields that name files or directories (saved as absolute paths).
-PATH_FIELDS = ("train_file", "valid_file", "test_file", "data_dir", "init_from")
+DATA_PATH_FIELDS = ("train_file", "valid_file", "test_file", "data_dir")  # where the data is
+PATH_FIELDS = (*DATA_PATH_FIELDS, "init_from")
 DECODERS = ("greedy", "beam")
 
 
@@ -128,7 +129,7 @@ class TrainingConfig(ConfigMethods):
         """None, or a ValueError message naming the data files and data_dir this config names
         that no longer exist (a run's data moved), with the flags that point at them anew."""
         gone = [f"--{name.replace('_', '-')} {getattr(self, name)}"
-                for name in ("train_file", "valid_file", "test_file", "data_dir")
+                for name in DATA_PATH_FIELDS
                 if getattr(self, name) is not None and not os.path.exists(getattr(self, name))]
         if not gone:
             return None
@@ -167,7 +168,7 @@ class TrainingConfig(ConfigMethods):
         if self.task not in available_tasks():
             raise ValueError(f"task={self.task!r} is not known; choose one of "
                              f"{available_tasks()}")
-        for name in ("train_file", "valid_file", "test_file", "data_dir"):
+        for name in DATA_PATH_FIELDS:
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 value = os.fspath(value)

@@ -120,7 +120,7 @@ def row_decode_lens(model_max_len: int, src: np.ndarray) -> np.ndarray:
     """`decode_len` of each row of `src` [B, S] from its own length (its non-pad tokens), so
     that an output never depends on the other sources of its batch: [B] int32."""
     lengths = (np.asarray(src) != 0).sum(axis=1)
-    return np.minimum(model_max_len, (1.5 * lengths).astype(np.int64) + 10).astype(np.int32)
+    return np.array([decode_len(model_max_len, int(n)) for n in lengths], np.int32)
 
 
 def decode_batch(model, src: np.ndarray, config: TrainingConfig,

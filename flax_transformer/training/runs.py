@@ -176,8 +176,8 @@ def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = ()
     if devices is not None:  # the models' weights on every device once, not once per batch
         for member in [*ensemble_members(decoder), *(scorer.model for scorer in scorers)]:
             nnx.update(member, devices.replicate(nnx.state(member)))
-    if config.missing_data() is not None:
-        raise ValueError(config.missing_data())
+    if missing := config.missing_data():
+        raise ValueError(missing)
     task = build_task(config, tokenizer_dir(workdir))
     changed = changed_splits(task, tokenizer_dir(workdir), splits)
     if changed:
