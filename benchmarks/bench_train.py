@@ -1,5 +1,5 @@
 """Train-step throughput and MFU: flax_transformer vs the same model from Flax's NNX layers
-vs PyTorch `nn.Transformer`, interleaved in one process.
+vs PyTorch `nn.Transformer`, interleaved in one run.
 
     python -m benchmarks.bench_train [--configs small base] [--steps 10] [--repeats 5]
                                      [--dtype auto|float32|bfloat16]
@@ -10,9 +10,11 @@ squares and the configs' own products, `flops.CPU_PEAK_SHAPES`), best of measure
 and after each config (and by the datasheet peak when known).
 "host ms/step" is the Python loop's time per step until its last step was issued: close to
 ms/step, the host (dispatch) is the bottleneck, as for small batches on a GPU.
-Torch runs in a child process after the interleaved JAX runs (its OpenMP threads stall
-beside an active XLA thread pool); on a JAX GPU backend it runs on CUDA (JAX then reserves
-45% of the GPU's memory instead of 75%, leaving the rest to torch), on TPU it is skipped.
+Torch runs in a child process (its OpenMP threads stall beside an active XLA thread pool)
+that times one block when asked, after the JAX frameworks' blocks of each round, so it is
+interleaved with them as they are with each other. On a JAX GPU backend it runs on CUDA (JAX
+then reserves 45% of the GPU's memory instead of 75%, leaving the rest to torch); on TPU it is
+skipped.
 All three use AdamW (b2=0.98), dropout 0.1, label-smoothed (0.1) cross-entropy, random tokens.
 Ours runs without its gradient-norm metric (`make_train_step(grad_norm=False)`): the peers
 compute none, and with no clipping it is an extra pass over the gradients (RESULTS.md).
@@ -34,11 +36,13 @@ on a CPU runs all three with float32 parameters and bf16 compute (torch under
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -153,27 +157,63 @@ def peer_step(config: TransformerConfig, src, tgt_in, tgt_out, steps_per_call: i
                           src, tgt_in, tgt_out, steps_per_call)
 
 
-def torch_times(config: TransformerConfig, batch: int, length: int, args):
-    """Per-step seconds of the torch peer (total and host, see `time_steps`), measured in a
-    child process (see peer_torch.main), and its parameter count; None without torch."""
-    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
-    cmd = [sys.executable, "-m", "benchmarks.peer_torch", "--config", json.dumps(config.to_dict()),
-           "--batch", str(batch), "--length", str(length), "--steps", str(args.steps),
-           "--repeats", str(args.repeats), "--device", device]
-    if args.torch_threads:
-        cmd += ["--threads", str(args.torch_threads)]
-    repo = Path(__file__).resolve().parent.parent
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env=args.child_env)
-    if done.returncode != 0:
-        if "No module named 'torch'" in done.stderr:
+class TorchPeer:
+    """The torch peer as a child process (`python -m benchmarks.peer_torch --serve`) that
+    times one block of `args.steps` steps each time `block()` asks, so its blocks take turns
+    with the JAX frameworks' in each round. Use `start_torch_peer`, and `close()` it."""
+
+    def __init__(self, config: TransformerConfig, batch: int, length: int, args):
+        device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+        cmd = [sys.executable, "-m", "benchmarks.peer_torch", "--serve",
+               "--config", json.dumps(config.to_dict()), "--batch", str(batch),
+               "--length", str(length), "--steps", str(args.steps), "--device", device]
+        if args.torch_threads:
+            cmd += ["--threads", str(args.torch_threads)]
+        repo = Path(__file__).resolve().parent.parent
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a pipe could fill and block it
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.stderr, text=True, cwd=repo,
+                                        env=args.child_env)
+        self.params = self._reply()["params"]  # once the child is built and warm
+
+    def _reply(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.stderr.seek(0)
+            raise TorchPeerError(self.stderr.read())
+        return json.loads(line)
+
+    def block(self) -> tuple[float, float]:
+        """(total, host) seconds per step of one block, as `time_steps`."""
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        reply = self._reply()
+        return reply["seconds"], reply["host_seconds"]
+
+    def close(self) -> None:
+        self.process.stdin.close()  # the child's loop ends at end of input
+        self.process.wait()
+        self.stderr.close()
+
+
+class TorchPeerError(RuntimeError):
+    """The torch child exited early; the message is its stderr."""
+
+
+def start_torch_peer(config: TransformerConfig, batch: int, length: int, args):
+    """A warm `TorchPeer`, or None (with a line on stderr) where torch is not installed or
+    has no CUDA on a GPU machine."""
+    try:
+        return TorchPeer(config, batch, length, args)
+    except TorchPeerError as error:
+        if "No module named 'torch'" in str(error):
             print("torch not installed: pip install -e .[bench] to include it", file=sys.stderr)
             return None
-        if "sees no CUDA device" in done.stderr:
+        if "sees no CUDA device" in str(error):
             print("torch has no CUDA here (a CPU build?): torch peer skipped", file=sys.stderr)
             return None
-        raise RuntimeError(f"torch peer failed:\n{done.stderr[-2000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return list(zip(result["seconds"], result["host_seconds"])), result["params"]
+        raise RuntimeError(f"torch peer failed:\n{str(error)[-2000:]}") from None
 
 
 def time_steps(run, steps: int) -> tuple[float, float]:
@@ -198,6 +238,7 @@ def compute_dtype(requested: str) -> str:
 
 
 OURS = "flax_transformer"
+TORCH = "torch nn.Transformer"
 
 
 def ours_name(impl: str, impls: list[str]) -> str:
@@ -232,20 +273,27 @@ def bench_config(name: str, spec: dict, args) -> list[dict]:
     """Times of ours (once per --attention-impl) and the peers on one config: one dict per
     framework (seconds per step)."""
     config, batch, length, runners = make_runners(spec, args)
-    per_call = args.steps_per_call
     for run, _ in runners.values():  # compile and warm up
         for _ in range(2):
             jax.block_until_ready(run())
-    times = {k: [] for k in runners}
-    for _ in range(args.repeats):  # interleaved, so drift hits every framework alike
-        for key, (run, _) in runners.items():
-            total, host = time_steps(run, args.steps)
-            times[key].append((total / per_call, host / per_call))  # per train step
     params = {key: n for key, (_, n) in runners.items()}
+    blocks = {key: functools.partial(time_steps, run, args.steps)
+              for key, (run, _) in runners.items()}
+    torch = None
     if not args.no_torch and jax.default_backend() in ("cpu", "gpu"):
-        measured = torch_times(config, batch, length, args)
-        if measured is not None:
-            times["torch nn.Transformer"], params["torch nn.Transformer"] = measured
+        torch = start_torch_peer(config, batch, length, args)
+    if torch is not None:
+        params[TORCH], blocks[TORCH] = torch.params, torch.block
+    times = {k: [] for k in blocks}
+    try:
+        for _ in range(args.repeats):  # interleaved, so drift hits every framework alike
+            for key, block in blocks.items():
+                total, host = block()
+                per_call = 1 if key == TORCH else args.steps_per_call
+                times[key].append((total / per_call, host / per_call))  # per train step
+    finally:
+        if torch is not None:
+            torch.close()
     flops = train_step_flops(config, batch, length, length)
     results = [dict(config=name, batch=batch, framework=key, params=n_params, flops=flops,
                     tokens=batch * 2 * length,

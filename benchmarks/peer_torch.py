@@ -14,6 +14,8 @@ AdamW weight decay (1e-4). So each framework does the same work per step.
 from __future__ import annotations
 
 import math
+import sys
+import time
 
 import numpy as np
 
@@ -98,15 +100,31 @@ def build_torch_step(c: TransformerConfig, batch: int, src_len: int, tgt_len: in
     return step, sum(p.numel() for p in model.parameters())
 
 
-def main(argv=None) -> None:
-    """Worker: time `steps` x `repeats` train steps and print {"seconds": [...], "params": n}.
+def time_block(step, steps: int) -> tuple[float, float]:
+    """(total, host) seconds per step of `steps` steps, synchronising once at the end: the
+    host time is until the last step was issued (as `bench_train.time_steps`)."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    issued = time.perf_counter()
+    loss.item()  # waits for the device
+    return (time.perf_counter() - start) / steps, (issued - start) / steps
 
-    `bench_train` runs torch in its own process: inside a process whose XLA thread pool is
-    active, torch's OpenMP workers are starved and every parallel op stalls for milliseconds.
+
+def main(argv=None) -> None:
+    """Worker: build the peer, warm it up, and time blocks of `steps` train steps.
+
+    Alone it times `repeats` blocks and prints {"seconds": [...], "host_seconds": [...],
+    "params": n, ...}. With `--serve` (how `bench_train` runs it) it prints that line without
+    times as soon as it is warm, then times one block per line read from stdin and answers
+    each with {"seconds": s, "host_seconds": h}, until stdin closes: so its blocks take turns
+    with the JAX frameworks' in the parent and drift on the host hits all of them alike.
+
+    Torch runs in its own process: inside a process whose XLA thread pool is active, torch's
+    OpenMP workers are starved and every parallel op stalls for milliseconds.
     """
     import argparse
     import json
-    import time
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True, help="TransformerConfig as JSON")
@@ -116,6 +134,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--serve", action="store_true",
+                        help="time one block per line read from stdin (see above)")
     args = parser.parse_args(argv)
     import torch
 
@@ -128,17 +148,16 @@ def main(argv=None) -> None:
                                    device=args.device)
     for _ in range(3):
         step().item()  # .item() waits for the device
-    seconds, host_seconds = [], []  # per step: until the device is done / until issued
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            loss = step()
-        issued = time.perf_counter()
-        loss.item()
-        seconds.append((time.perf_counter() - start) / args.steps)
-        host_seconds.append((issued - start) / args.steps)
-    print(json.dumps({"seconds": seconds, "host_seconds": host_seconds, "params": count,
-                      "threads": torch.get_num_threads(), "device": args.device}))
+    about = {"params": count, "threads": torch.get_num_threads(), "device": args.device}
+    if args.serve:
+        print(json.dumps(about), flush=True)
+        for _ in sys.stdin:
+            total, host = time_block(step, args.steps)
+            print(json.dumps({"seconds": total, "host_seconds": host}), flush=True)
+        return
+    blocks = [time_block(step, args.steps) for _ in range(args.repeats)]
+    print(json.dumps({"seconds": [total for total, _ in blocks],
+                      "host_seconds": [host for _, host in blocks], **about}))
 
 
 if __name__ == "__main__":

@@ -199,6 +199,78 @@ def test_torch_peer_worker_reports_per_step_seconds(capsys):
     assert report["device"] == "cpu" and report["params"] > 0
 
 
+def test_torch_peer_serves_one_timed_block_per_request(monkeypatch, capsys):
+    """--serve: a line once warm (params, no times), then one block's times per stdin line,
+    until stdin closes."""
+    pytest.importorskip("torch")
+    import io
+    import json
+
+    from benchmarks.peer_torch import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n\n"))
+    main(["--config", json.dumps(TINY.to_dict()), "--batch", "2", "--length", "4", "--steps", "2",
+          "--serve"])
+    ready, *replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert ready["params"] > 0 and ready["device"] == "cpu" and "seconds" not in ready
+    assert len(replies) == 2
+    assert all(0 < r["host_seconds"] <= r["seconds"] for r in replies)
+
+
+def test_bench_train_times_torch_in_turn_with_the_jax_frameworks(monkeypatch):
+    """Each round times every framework once, torch after the JAX ones; torch's median is
+    its row, and its child is closed even when a block fails."""
+    from benchmarks import bench_train
+
+    order = []
+
+    def fake_runners(spec, args):
+        runners = {name: (lambda name=name: order.append(name) or jnp.zeros(()), 10)
+                   for name in ("ours", "flax")}
+        return TINY, 2, 4, runners
+
+    class FakeTorch:
+        params, closed, seconds = 11, False, iter([0.3, 0.1, 0.2])
+
+        def block(self):
+            order.append("torch")
+            return next(self.seconds), 0.001
+
+        def close(self):
+            FakeTorch.closed = True
+
+    monkeypatch.setattr(bench_train, "make_runners", fake_runners)
+    monkeypatch.setattr(bench_train, "start_torch_peer", lambda *a: FakeTorch())
+    args = bench_train.parse_args(["--configs", "small", "--steps", "1", "--repeats", "3"])
+    results = bench_train.bench_config("small", bench_train.CONFIGS["small"], args)
+    assert order == ["ours", "ours", "flax", "flax"] + ["ours", "flax", "torch"] * 3  # warm-up
+    torch_row = next(r for r in results if r["framework"] == bench_train.TORCH)
+    assert torch_row["seconds"] == 0.2 and torch_row["params"] == 11 and FakeTorch.closed
+
+    FakeTorch.closed, FakeTorch.seconds = False, iter([])  # StopIteration in the first block
+    with pytest.raises(StopIteration):
+        bench_train.bench_config("small", bench_train.CONFIGS["small"], args)
+    assert FakeTorch.closed
+
+
+def test_torch_peer_child_without_torch_gives_the_install_hint(tmp_path, capsys):
+    """The child's import error, read from its stderr, becomes the install hint and no torch
+    row (a stand-in `torch` module that fails to import, so this runs with or without torch)."""
+    import os
+
+    from benchmarks import bench_train
+
+    (tmp_path / "torch.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\")\n")
+    args = bench_train.parse_args(["--steps", "1"])
+    args.child_env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    assert bench_train.start_torch_peer(TINY, 2, 4, args) is None
+    assert "torch not installed: pip install -e .[bench]" in capsys.readouterr().err
+    (tmp_path / "torch.py").write_text("raise RuntimeError('broken build')\n")
+    with pytest.raises(RuntimeError, match="(?s)torch peer failed:.*broken build"):
+        bench_train.start_torch_peer(TINY, 2, 4, args)
+
+
 def test_accelerator_suite_commands_parse():
     """Every command of benchmarks/accelerator_suite.sh is accepted by its program's parser."""
     import shlex
