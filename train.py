@@ -18,7 +18,8 @@ command line overrides the preset, which overrides the dataclass default.
         --workdir runs/g2p-long-r2l         # fine-tune: starts from another run's weights
 
 With --init-from WORKDIR the model settings, the task and (unless --preset names others) the
-training settings are that run's; its tokenizers are reused.
+training settings are that run's; its tokenizers are reused (so is its --subword-vocab-size,
+which may not be set to another value).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from flax_transformer.training.config import (  # noqa: E402
     DATA_PATH_FIELDS,
     PATH_FIELDS,
     RUN_PRESETS,
+    TOKENIZER_FIELDS,
     TrainingConfig,
 )
 
@@ -255,8 +257,9 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
         # Fine-tuning: the model is the other run's; so are the task and training settings
         # unless --preset names others (train() refuses another task). Flags override either.
         model_config, config = load_run_config(training_overrides["init_from"])
-        if args.preset is not None:
-            config = resolve_preset(args.preset, task)[1]
+        if args.preset is not None:  # but the tokenizer settings stay (its tokenizers do)
+            config = resolve_preset(args.preset, task)[1].replace(
+                **{name: getattr(config, name) for name in TOKENIZER_FIELDS})
         model_config = model_config.replace(**model_overrides)
         config = config.replace(**training_overrides)
     else:

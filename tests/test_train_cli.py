@@ -268,6 +268,27 @@ def test_a_flag_the_schedule_never_reads_is_refused(capsys, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_init_from_with_a_preset_keeps_the_sources_tokenizer_settings(tmp_path, monkeypatch):
+    from flax_transformer.training import loop
+    from flax_transformer.training.checkpoint import save_run_config
+    from flax_transformer.training.config import TrainingConfig
+
+    source = tmp_path / "source"
+    save_run_config(source, config_module.TransformerConfig.preset("tiny"),
+                    TrainingConfig(task="translate", subword_vocab_size=3000))
+    seen = []
+
+    def fake_train(model_config, config, workdir, **kwargs):
+        seen.append(config)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    # The preset's other settings apply; its subword_vocab_size (4000) would go unused.
+    assert train_cli.main(["--init-from", str(source), "--preset", "translate",
+                           "--workdir", str(tmp_path / "tuned")]) == 1
+    assert seen[0].subword_vocab_size == 3000 and seen[0].steps == 4000
+
+
 def test_subprocess_error_has_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--task", "nope", "--workdir", str(tmp_path)],
@@ -296,8 +317,13 @@ def test_init_from_takes_the_other_runs_model_and_settings(capsys, tmp_path):
                              "--workdir", str(tmp_path / "wide")], "d_model 32 there vs 64")
     _one_error_line(capsys, ["--init-from", str(tmp_path / "none"), "--workdir", str(tuned)],
                     "no config.json")
+    _one_error_line(capsys, ["--init-from", str(source), "--subword-vocab-size", "100",
+                             "--workdir", str(tmp_path / "other-vocab")],
+                    "subword_vocab_size=100 differs from the 8000 of the run in init_from")
     # --task (the same task) keeps the source run's training settings; only --preset resets.
+    # The source's own --subword-vocab-size is no change.
     assert train_cli.main(["--init-from", str(source), "--task", "copy", "--steps", "2",
+                           "--subword-vocab-size", "8000",
                            "--no-progress", "--workdir", str(tmp_path / "same-task")]) == 0
     config = json.loads((tmp_path / "same-task" / "config.json").read_text())
     assert config["training"]["seed"] == 3 and config["training"]["batch_size"] == 8

@@ -111,6 +111,15 @@ def test_a_different_task_is_refused(source_run, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_tokenizer_setting_other_than_the_sources_is_refused(source_run, tmp_path):
+    # The source's tokenizer is reused: another subword_vocab_size would be ignored.
+    with pytest.raises(ValueError, match=r"subword_vocab_size=100 differs from the 8000 .*"
+                                         r"drop --subword-vocab-size"):
+        train(MODEL, _config(subword_vocab_size=100, init_from=str(source_run)),
+              tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_init_from_its_own_workdir_is_refused_and_deletes_nothing(source_run):
     before = sorted(p.name for p in source_run.iterdir())
     with pytest.raises(ValueError, match="own workdir"):

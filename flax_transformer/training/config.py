@@ -20,6 +20,9 @@ SCHEDULES = ("noam", "cosine", "rsqrt", "constant")
 # The fields that name files or directories (saved as absolute paths).
 DATA_PATH_FIELDS = ("train_file", "valid_file", "test_file", "data_dir")  # where the data is
 PATH_FIELDS = (*DATA_PATH_FIELDS, "init_from")
+# The fields read only when a tokenizer is built: a run started with init_from reuses the
+# source run's tokenizers, so it must not ask for other values (training/loop.py refuses).
+TOKENIZER_FIELDS = ("subword_vocab_size",)
 DECODERS = ("greedy", "beam")
 
 
@@ -54,10 +57,11 @@ class TrainingConfig(ConfigMethods):
     (the count the run trained on does not matter there).
     `init_from` names another run's work directory, of the same task: its latest parameters
     start this run (fine-tuning; e.g. a right-to-left model from a left-to-right one) and its
-    tokenizers are reused; the step, the optimizer state, the data order and dropout start
-    afresh. `average_checkpoints` > 1 makes the run's model (the test report, `--predict`,
-    `--evaluate`, `--init-from`) the mean of the parameters of its last `average_checkpoints`
-    checkpoints, as the paper averages the last 5 written 10 minutes apart: choose
+    tokenizers are reused (so `TOKENIZER_FIELDS` must keep that run's values); the step, the
+    optimizer state, the data order and dropout start afresh. `average_checkpoints` > 1
+    makes the run's model (the test report, `--predict`, `--evaluate`, `--init-from`) the
+    mean of the parameters of its last `average_checkpoints` checkpoints, as the paper
+    averages the last 5 written 10 minutes apart: choose
     `checkpoint_every` so that they span the end of training (training and `--resume` go on
     from the last checkpoint itself). `tensorboard` writes TensorBoard event files beside
     `metrics.jsonl` (it needs the `tensorboardX` package; `--no-tensorboard` writes the JSONL

@@ -35,7 +35,7 @@ from .checkpoint import (
     save_run_config,
     tokenizer_dir,
 )
-from .config import TrainingConfig
+from .config import TOKENIZER_FIELDS, TrainingConfig
 from .evaluate import EvalSet, cut_warning, eval_batch_size, eval_bucket_lengths, evaluate
 from .loss import summarize
 from .memory import check_training_memory
@@ -148,6 +148,21 @@ def _format(results: dict[str, float], metric: str | None) -> str:
     return ", ".join(f"{n} {results[n]:.4f}" for n in names if n and n in results)
 
 
+def _check_tokenizer_fields(config: TrainingConfig, source: TrainingConfig) -> None:
+    """Raises ValueError when `config` (starting from the run `source` through init_from)
+    asks for a tokenizer setting other than the source's: its tokenizers are reused, so the
+    value would be ignored."""
+    for name in TOKENIZER_FIELDS:
+        asked, there = getattr(config, name), getattr(source, name)
+        if asked != there:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{name}={asked!r} differs from the {there!r} of the run in init_from="
+                f"{config.init_from!r}, whose tokenizer this run reuses (its weights are "
+                f"trained on its ids), so it would be ignored; drop {flag} (or set it to "
+                f"{there!r}), or train from scratch without --init-from for a new tokenizer")
+
+
 def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str | Path, *,
           resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Trains `model_config` on `config.task` in `workdir`; returns the run's summary.
@@ -169,11 +184,12 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
             raise ValueError(f"init_from={config.init_from!r} is this run's own workdir; use "
                              "--resume to continue it, or train in another --workdir")
         # Before anything is deleted: NoCheckpointError if there is no run there.
-        source_task = load_run_config(init_from)[1].task
-        if source_task != config.task:
-            raise ValueError(f"init_from={config.init_from!r} learned task {source_task!r}, this "
+        source = load_run_config(init_from)[1]
+        if source.task != config.task:
+            raise ValueError(f"init_from={config.init_from!r} learned task {source.task!r}, this "
                              f"run is {config.task!r}; start from a run of the same task (its "
                              "tokenizers and vocabulary come along)")
+        _check_tokenizer_fields(config, source)
     if resume and not (workdir / CONFIG_FILE).is_file():
         load_run_config(workdir)  # raises NoCheckpointError with the explanation
     if config.tensorboard:
