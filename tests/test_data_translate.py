@@ -175,6 +175,37 @@ def test_tsv_carve_keeps_every_translation_of_a_source_in_one_split(tmp_path):
     assert sources["valid"] and sources["test"]
     assert not sources["train"] & (sources["valid"] | sources["test"])
     assert not sources["valid"] & sources["test"]
+    assert task.data_warnings() == []  # disjoint by construction: nothing to warn about
+
+
+def test_valid_and_test_files_that_repeat_training_sources_are_warned_about(tmp_path):
+    train = write_tsv(tmp_path / "train.tsv", zip(GERMAN, ENGLISH))
+    new = ("Ein neuer Satz.", "A new sentence.")
+    # A trained-on source with another translation, one with its spaces doubled, a new one.
+    valid = write_tsv(tmp_path / "valid.tsv", [(GERMAN[0], "At first."),
+                                               (GERMAN[1].replace(" ", "  "), ENGLISH[1]), new])
+    test = write_tsv(tmp_path / "test.tsv", [new])
+    task = load_task("translate", train_file=train, valid_file=valid, test_file=test)
+    assert task.data_warnings() == [
+        f"valid (file {valid}): 2 of its 3 sources also occur in the training split, so its "
+        "scores overstate quality on unseen text (the model trained on them); remove them "
+        "from one of the files"]
+
+
+def test_valid_or_test_text_the_tokenizer_cannot_read_is_warned_about(tmp_path):
+    train = write_tsv(tmp_path / "train.tsv", zip(GERMAN, ENGLISH))
+    russian = [("Привет, мир!", "Hello, world!"), ("Как дела?", "How are you?"),
+               ("Это дом.", "This is a house.")]
+    valid = write_tsv(tmp_path / "valid.tsv", [("Ein neuer Satz.", "A new sentence.")])
+    task = load_task("translate", train_file=train, valid_file=valid,
+                     test_file=write_tsv(tmp_path / "test.tsv", russian))
+    assert task.data_warnings() == [
+        "test: 3 of its 3 sources are unknown to the tokenizer (nothing but <unk>, spaces and "
+        "punctuation: another script or alphabet than the training text?), so its scores "
+        "measure nothing the model could learn; check the test data"]
+    # The built-in carve of a file in one script: no warning.
+    assert load_task("translate", train_file=train, fractions=(0.5, 0.25, 0.25)
+                     ).data_warnings() == []
 
 
 def make_bible(path):
@@ -200,6 +231,7 @@ def make_bible(path):
 def test_bible_pairs_by_reference_and_splits_by_book(tmp_path):
     make_bible(tmp_path / "bible.db")
     task = load_task("translate", data_dir=tmp_path)
+    assert task.data_warnings() == []
     assert [e.refs[0] for e in task.train] == ENGLISH[:3]
     assert [e.refs[0] for e in task.valid] == [ENGLISH[3], ENGLISH[5]]  # Ruth, Mark
     assert [e.refs[0] for e in task.test] == [ENGLISH[4]]  # Daniel

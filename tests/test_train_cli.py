@@ -356,6 +356,28 @@ def test_evaluate_with_nothing_to_score_says_so(capsys, tmp_path):
                     "has no valid or test examples to score")
 
 
+def test_training_and_evaluation_warn_about_data_that_cannot_measure_the_model(capsys,
+                                                                               tmp_path):
+    pairs = [(f"satz {i} hier", f"sentence {i} here") for i in range(12)]
+    for name, rows in (("train", pairs), ("valid", pairs[:2] + [("neuer satz", "new one")]),
+                       ("test", [("другой текст", "other text"), ("ещё", "more")])):
+        (tmp_path / f"{name}.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in rows))
+    files = [f"--{name}-file={tmp_path / name}.tsv" for name in ("train", "valid", "test")]
+    workdir = tmp_path / "w"
+    assert train_cli.main(["--task", "translate", *files, "--preset", "tiny", "--steps", "1",
+                           "--subword-vocab-size", "40", "--no-progress", "--no-tensorboard",
+                           "--warmup-steps", "1", "--workdir", str(workdir)]) == 0
+    expected = [f"warning: valid (file {tmp_path / 'valid.tsv'}): 2 of its 3 sources also "
+                "occur in the training split",
+                "warning: test: 2 of its 2 sources are unknown to the tokenizer"]
+    for err in (capsys.readouterr().err, None):
+        if err is None:  # scoring the run says it again
+            assert train_cli.main(["--evaluate", "--workdir", str(workdir)]) == 0
+            err = capsys.readouterr().err
+        warned = [line for line in err.splitlines() if line.startswith("warning: ")]
+        assert all(any(w.startswith(e) for w in warned) for e in expected), warned
+
+
 def test_a_run_whose_data_moved_is_pointed_at_it_anew(capsys, tmp_path):
     """--evaluate and --resume name the data flags when the saved files are gone, accept a
     new location, and --resume still refuses data that is not the same."""

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flax_transformer.data.vocab import EOS_ID, strip_special
+from flax_transformer.data.vocab import EOS_ID, UNK, strip_special
 
 MODEL_FILENAME = "subword.model"
 _TOO_LARGE = re.compile(r"Vocabulary size too high \((\d+)\).*<= (\d+)")
@@ -131,6 +131,11 @@ class SubwordTokenizer:
         if add_eos:
             ids.append(EOS_ID)
         return ids
+
+    def symbol_of(self, token_id: int) -> str:
+        """The piece for ``token_id`` (``▁`` marks a word's start); ids outside the model read
+        as ``<unk>``."""
+        return str(self._sp.id_to_piece(token_id)) if 0 <= token_id < len(self) else UNK
 
     def encode_pieces(self, text: str) -> list[str]:
         return list(self._sp.encode(text, out_type=str))

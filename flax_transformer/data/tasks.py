@@ -11,13 +11,13 @@ import hashlib
 import importlib
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flax_transformer.data.subword import SubwordTokenizer
-from flax_transformer.data.vocab import Vocab, strip_special
+from flax_transformer.data.vocab import SPECIALS, UNK_ID, Vocab, strip_special
 
 SPLITS = ("train", "valid", "test")
 TASK_FILE = "task.json"
@@ -39,6 +39,8 @@ class Task:
 
     The base class treats text as whitespace-separated symbols and scores sequence accuracy
     (exact match of the ids before eos); subclasses change tokenization and metric.
+    ``warnings``: what the loader found amiss in the data it read (e.g. `seen_in_training`);
+    `data_warnings` adds what the encoded splits show.
     """
 
     name: str
@@ -50,6 +52,7 @@ class Task:
     metric_name: str = "sequence_accuracy"
     higher_is_better: bool = True
     info: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def src_vocab_size(self) -> int:
@@ -95,6 +98,11 @@ class Task:
         hits = sum(strip_special(p) == strip_special(e.tgt) for p, e in zip(predictions, examples))
         return {self.metric_name: hits / len(examples), "num_examples": len(examples)}
 
+    def data_warnings(self) -> list[str]:
+        """The loader's ``warnings`` and `unknown_text_warnings`: valid and test data that
+        cannot measure what its scores seem to (training prints them)."""
+        return [*self.warnings, *unknown_text_warnings(self)]
+
     def save_tokenizers(self, directory: str | Path) -> None:
         """Writes the tokenizers and ``task.json`` so that ``restore_task`` can rebuild them."""
         directory = Path(directory)
@@ -112,6 +120,51 @@ class Task:
             "info": self.info,
         }
         (directory / TASK_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+
+
+def seen_in_training(split: str, sources: Sequence[str], train_sources: Iterable[str],
+                     where: str) -> str | None:
+    """A warning when some of the ``sources`` of ``split`` (read from ``where``, a user's
+    file) also occur among ``train_sources`` (compared with whitespace collapsed), else None.
+    Loaders whose splits are disjoint by construction need not ask."""
+    seen = {" ".join(text.split()) for text in train_sources}
+    shared = sum(" ".join(text.split()) in seen for text in sources)
+    if not shared:
+        return None
+    return (f"{split} ({where}): {shared} of its {len(sources)} sources also occur in the "
+            f"training split, so its scores overstate quality on unseen text (the model "
+            "trained on them); remove them from one of the files")
+
+
+def _wordless_ids(tokenizer: Tokenizer) -> set[int]:
+    """Ids that carry no word of their own: the specials, and symbols without a letter or
+    digit (spaces, word-start marks, punctuation)."""
+    return {i for i in range(len(tokenizer)) if i < len(SPECIALS)
+            or not any(c.isalnum() for c in tokenizer.symbol_of(i))}
+
+
+def unknown_text_warnings(task: Task) -> list[str]:
+    """One warning per valid/test side (source, target) where more than half of the examples
+    are unknown to the tokenizer: <unk> tokens and nothing else but spaces and punctuation,
+    as text in another script than the tokenizer was built from gives. (A stricter "all of
+    them" would miss a file with a few numbers or names in it.)"""
+    out = []
+    wordless: dict[int, set[int]] = {}  # by id(tokenizer): source and target may share one
+    for split in ("valid", "test"):
+        examples = task.split(split)
+        if not examples:
+            continue
+        for side, tokenizer in (("source", task.src_vocab), ("target", task.tgt_vocab)):
+            if id(tokenizer) not in wordless:
+                wordless[id(tokenizer)] = _wordless_ids(tokenizer)
+            unknown = sum(UNK_ID in ids and wordless[id(tokenizer)].issuperset(ids) for ids in
+                          (e.src if side == "source" else e.tgt for e in examples))
+            if 2 * unknown > len(examples):
+                out.append(f"{split}: {unknown} of its {len(examples)} {side}s are unknown to "
+                           f"the tokenizer (nothing but <unk>, spaces and punctuation: another "
+                           f"script or alphabet than the training text?), so its scores "
+                           f"measure nothing the model could learn; check the {split} data")
+    return out
 
 
 def check_predictions(predictions: Sequence[Any], examples: Sequence[Example]) -> None:

@@ -6,7 +6,9 @@ Version (``'k'``) by (book, chapter, verse). Split by book: valid = Ruth, Esther
 Corpus ``"trans-de-en"``: the example sentences of the Ding dictionary (see ``data/ding.py``),
 split 90/5/5 by a stable hash of the dictionary entry.
 TSV: ``source<TAB>target`` per line (blank lines skipped). Without valid/test files, those
-splits are carved from the train file by a stable hash of each line (default 90/5/5).
+splits are carved from the train file by a stable hash of each line's source (default 90/5/5),
+so no source is in two splits; a given valid or test file whose sources also occur in the
+training split gets a warning (``Task.warnings``).
 One SentencePiece model, shared by source and target, is trained on the train split only.
 """
 
@@ -31,6 +33,7 @@ from flax_transformer.data.tasks import (
     hash_split,
     load_tokenizers,
     read_lines,
+    seen_in_training,
 )
 
 # sacreBLEU's tokenizers (sacrebleu.metrics.bleu; the mecab ones need its [ja]/[ko] extras)
@@ -234,6 +237,12 @@ def load_translate_task(
             raise ValueError(f"{db_path}: no verses outside the valid and test books")
         source = str(db_path)
     splits = {k: cap(v, max_examples) for k, v in splits.items()}
+    warnings = []  # the carved splits are disjoint by source, the given files need not be
+    for split, path in (("valid", valid_file), ("test", test_file)):
+        if path is not None:
+            warning = seen_in_training(split, [de for de, _ in splits[split]],
+                                       (de for de, _ in splits["train"]), f"file {path}")
+            warnings += [warning] if warning else []
     if tokenizer_dir is not None:
         src_tok, tgt_tok = load_tokenizers(tokenizer_dir)
     else:
@@ -263,4 +272,5 @@ def load_translate_task(
             "sizes": {k: len(v) for k, v in splits.items()},
             "bleu_tokenize": bleu_tokenize,
         },
+        warnings=warnings,
     )

@@ -264,6 +264,8 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
     warning = cut_warning({k: v for k, v in cuts.items() if k != "train"}, max_len)
     if warning:
         print(warning, file=sys.stderr)
+    for warning in task.data_warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     asked = getattr(task.src_vocab, "vocab_size_requested", None)  # a subword vocabulary
     if asked is not None and len(task.src_vocab) < asked:
         print(f"warning: the training text allows {len(task.src_vocab)} subword pieces, not "
