@@ -398,7 +398,7 @@ def main(argv=None) -> None:
         for r in config_results:  # as each config finishes, in case a later one is cut short
             print(" | ".join(str(c) for c in table_row(r, max(peaks), datasheet)), flush=True)
         results += config_results
-        intro = (f"{common.describe_machine()}\n\nCommand: `{command}`; "
+        intro = (f"{common.describe_machine()}\n\nDate: {common.today()}; command: `{command}`; "
                  f"{common.malloc_note(args.default_malloc)}\n\n"
                  f"Measured {dtype.name} matmul peak: {max(peaks) / 1e9:,.1f} GFLOP/s (best of "
                  f"{len(peaks)} measurements, before and after each config, each the best "

@@ -347,6 +347,8 @@ def test_repeat_steps_equals_as_many_single_steps():
 def test_bench_train_uses_the_best_peak_of_the_run(monkeypatch, capsys):
     """MFU divides by the best of the peak measurements (before and after each config): one
     taken while the machine is busy would inflate every MFU of the run."""
+    import datetime
+
     from benchmarks import bench_train
 
     peaks = iter([100e9, 200e9, 150e9])
@@ -361,6 +363,7 @@ def test_bench_train_uses_the_best_peak_of_the_run(monkeypatch, capsys):
     bench_train.main(["--configs", "small", "base", "--no-write"])
     out = capsys.readouterr().out
     assert "matmul peak: 200.0 GFLOP/s (best of 3 measurements" in out
+    assert f"Date: {datetime.date.today().isoformat()}; command: `python -m" in out
     # 1 GFLOP in 50 ms = 20 GFLOP/s: 10% of the best peak (20% of the first measurement)
     table = out[out.index("| config |"):]
     assert table.count("| flax_transformer |") == 2 and "| 10.0% |" in table
