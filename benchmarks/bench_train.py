@@ -162,9 +162,11 @@ class TorchPeer:
     times one block of `args.steps` steps each time `block()` asks, so its blocks take turns
     with the JAX frameworks' in each round. Use `start_torch_peer`, and `close()` it."""
 
+    module = "benchmarks.peer_torch"  # the child's program (`python -m`)
+
     def __init__(self, config: TransformerConfig, batch: int, length: int, args):
         device = "cuda" if jax.default_backend() == "gpu" else "cpu"
-        cmd = [sys.executable, "-m", "benchmarks.peer_torch", "--serve",
+        cmd = [sys.executable, "-m", self.module, "--serve",
                "--config", json.dumps(config.to_dict()), "--batch", str(batch),
                "--length", str(length), "--steps", str(args.steps), "--device", device]
         if args.torch_threads:
@@ -176,23 +178,33 @@ class TorchPeer:
                                         env=args.child_env)
         self.params = self._reply()["params"]  # once the child is built and warm
 
+    def _failed(self) -> TorchPeerError:
+        """The child's exit, with its stderr as the message."""
+        self.process.wait()
+        self.stderr.seek(0)
+        return TorchPeerError(self.stderr.read())
+
     def _reply(self) -> dict:
         line = self.process.stdout.readline()
         if not line:
-            self.process.wait()
-            self.stderr.seek(0)
-            raise TorchPeerError(self.stderr.read())
+            raise self._failed()
         return json.loads(line)
 
     def block(self) -> tuple[float, float]:
         """(total, host) seconds per step of one block, as `time_steps`."""
-        self.process.stdin.write("\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write("\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            raise self._failed() from None
         reply = self._reply()
         return reply["seconds"], reply["host_seconds"]
 
     def close(self) -> None:
-        self.process.stdin.close()  # the child's loop ends at end of input
+        try:
+            self.process.stdin.close()  # the child's loop ends at end of input
+        except BrokenPipeError:  # it has already exited
+            pass
         self.process.wait()
         self.stderr.close()
 

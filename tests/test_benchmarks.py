@@ -271,6 +271,39 @@ def test_torch_peer_child_without_torch_gives_the_install_hint(tmp_path, capsys)
         bench_train.start_torch_peer(TINY, 2, 4, args)
 
 
+def test_torch_peer_child_that_dies_mid_run_is_reported_with_its_stderr(tmp_path, monkeypatch):
+    """A child that exits after its first block: the next block raises with the child's
+    stderr, and closing it afterwards raises nothing (a stand-in child speaking the protocol)."""
+    import os
+
+    from benchmarks import bench_train
+
+    (tmp_path / "dying_peer.py").write_text(
+        "import json, sys\n"
+        "print(json.dumps({'params': 7}), flush=True)\n"
+        "sys.stdin.readline()\n"
+        "print(json.dumps({'seconds': 0.5, 'host_seconds': 0.1}), flush=True)\n"
+        "sys.stdin.readline()\n"
+        "sys.exit('out of memory, say')\n")
+    monkeypatch.setattr(bench_train.TorchPeer, "module", "dying_peer")
+    args = bench_train.parse_args(["--steps", "1"])
+    args.child_env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    peer = bench_train.TorchPeer(TINY, 2, 4, args)
+    assert peer.params == 7 and peer.block() == (0.5, 0.1)
+    with pytest.raises(bench_train.TorchPeerError, match="out of memory, say"):
+        peer.block()
+    peer.close()
+    assert peer.process.returncode == 1
+    # one that exits without reading: the request meets a closed pipe or no reply, alike
+    (tmp_path / "dying_peer.py").write_text(
+        "import json, sys\nprint(json.dumps({'params': 7}), flush=True)\nsys.exit('gone')\n")
+    peer = bench_train.TorchPeer(TINY, 2, 4, args)
+    peer.process.wait()
+    with pytest.raises(bench_train.TorchPeerError, match="gone"):
+        peer.block()
+    peer.close()
+
+
 def test_accelerator_suite_commands_parse():
     """Every command of benchmarks/accelerator_suite.sh is accepted by its program's parser."""
     import shlex
