@@ -1,5 +1,6 @@
 """Translation data: TSV corpora, the SentencePiece tokenizer, the Bible database, BLEU."""
 
+import dataclasses
 import random
 import sqlite3
 
@@ -108,20 +109,69 @@ def test_subword_vocab_below_required_characters_is_a_value_error():
         SubwordTokenizer.train(["the quick brown fox jumps over the lazy dog"], vocab_size=10)
 
 
-def test_bleu_of_references_is_100_despite_sentencepiece_normalization(tmp_path):
-    english = [
-        "Wait for it\u2026 and then\u2026 nothing.",
-        "A \ufb01ne \ufb01eld of \ufb01gs.",
-        "Room \uff11\uff12\uff13 is on floor \uff14.",
-        "Too  many   spaces  here.",
-    ]
+# Texts that SentencePiece's default normalization (nmt_nfkc) changes: NFKC folds the ellipsis,
+# the ligature and the full-width digits.
+UNFOLDED = [
+    "Wait for it\u2026 and then\u2026 nothing.",
+    "A \ufb01ne \ufb01eld of \ufb01gs.",
+    "Room \uff11\uff12\uff13 is on floor \uff14.",
+]
+
+
+def test_subword_tokenizer_keeps_the_characters_of_its_text():
+    """Trained with the identity rule, decoding gives back the text as written, not its NFKC
+    form; only runs of spaces collapse. The rule SentencePiece would apply by default folds."""
+    texts = UNFOLDED + ["Too  many   spaces  here."] + ENGLISH
+    tokenizer = SubwordTokenizer.train(texts, vocab_size=120)
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert 3 not in ids and tokenizer.decode(ids) == " ".join(text.split())
+        assert tokenizer.normalize(text) == " ".join(text.split())
+    folding = SubwordTokenizer.train(texts, vocab_size=120, normalization="nmt_nfkc")
+    assert [folding.decode(folding.encode(t)) for t in UNFOLDED] == [
+        "Wait for it... and then... nothing.", "A fine field of figs.", "Room 123 is on floor 4."]
+    with pytest.raises(ValueError, match="normalization must be one of .*got 'nfd'"):
+        SubwordTokenizer.train(texts, vocab_size=120, normalization="nfd")
+
+
+def test_bleu_is_against_the_raw_references(tmp_path):
+    """Standard sacreBLEU: an output with ``...`` does not match a reference with ``…`` (the
+    references are no longer passed through the tokenizer's normalization, which made it 100);
+    a new tokenizer reproduces the references' characters, so outputs equal to them score 100."""
+    english = [*UNFOLDED, "Too  many   spaces  here."]
     train = write_tsv(tmp_path / "train.tsv", zip(GERMAN, english + ENGLISH[:2]))
     task = load_task("translate", train_file=train, valid_file=train, test_file=train)
-    predictions = [task.encode_target(e.refs[0]) for e in task.valid]
+    refs = [e.refs[0] for e in task.valid]
+    assert refs[:4] == english
+    dots = [task.encode_target(r.replace("\u2026", "...")) for r in refs]
+    assert task.decode_target(dots[0]) == "Wait for it... and then... nothing."
+    assert task.score(dots, task.valid)["bleu"] < 95
+    assert [task.decode_target(task.encode_target(r)) for r in refs[:3]] == UNFOLDED
+    predictions = [task.encode_target(r) for r in refs]
     assert task.score(predictions, task.valid)["bleu"] == pytest.approx(100.0)
     task.save_tokenizers(tmp_path / "ckpt")
-    restored = restore_task(tmp_path / "ckpt")
-    assert restored.score(predictions, task.valid)["bleu"] == pytest.approx(100.0)
+    assert restore_task(tmp_path / "ckpt").score(predictions, task.valid)["bleu"] == (
+        pytest.approx(100.0))
+
+
+def test_runs_with_a_folding_tokenizer_are_scored_against_the_raw_references(tmp_path):
+    """A tokenizer saved by an earlier run keeps its own normalization (nmt_nfkc): its outputs
+    are folded, and they are scored, like everyone's, against the references as written."""
+    english = [*UNFOLDED, *ENGLISH[:3]]
+    train = write_tsv(tmp_path / "train.tsv", zip(GERMAN, english))
+    folding = SubwordTokenizer.train(GERMAN + english, vocab_size=150, normalization="nmt_nfkc")
+    new = load_task("translate", train_file=train, vocab_size=150)
+    dataclasses.replace(new, src_vocab=folding, tgt_vocab=folding).save_tokenizers(
+        tmp_path / "old")
+    task = load_task("translate", train_file=train, valid_file=train, test_file=train,
+                     tokenizer_dir=tmp_path / "old")
+    assert task.tgt_vocab == folding
+    predictions = [task.encode_target(e.refs[0]) for e in task.valid]
+    assert task.decode_target(predictions[1]) == "A fine field of figs."
+    unchanged = [3, 4, 5]  # the examples NFKC leaves alone still match
+    assert task.score([predictions[i] for i in unchanged],
+                      [task.valid[i] for i in unchanged])["bleu"] == pytest.approx(100.0)
+    assert task.score(predictions, task.valid)["bleu"] < 90
 
 
 def test_tsv_task_splits_and_bleu(tmp_path):

@@ -15,6 +15,8 @@ _TOO_LARGE = re.compile(r"Vocabulary size too high \((\d+)\).*<= (\d+)")
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 _NO_TEXT = re.compile(r"sentences_\.empty\(\)|all_chars_count")
 MAX_SENTENCE_BYTES = 4192  # SentencePiece's default max_sentence_length; longer lines are dropped
+# SentencePiece's built-in normalization rules (its trainer's normalization_rule_name)
+NORMALIZATION_RULES = ("identity", "nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf")
 
 
 def _sentencepiece() -> Any:
@@ -50,6 +52,7 @@ class SubwordTokenizer:
         model_path: str | Path | None = None,
         character_coverage: float = 1.0,
         seed: int = 0,
+        normalization: str = "identity",
     ) -> SubwordTokenizer:
         """Trains a model on ``texts`` deterministically (one thread, fixed seed, no sampling).
 
@@ -58,11 +61,22 @@ class SubwordTokenizer:
         distinct characters (plus the 4 special pieces) it is a ValueError. Every sentence is
         used, however long. The model is built in memory; it is written to ``model_path`` only
         if one is given.
+
+        ``normalization`` (one of NORMALIZATION_RULES) is the rule the model applies to every
+        text it encodes; it is stored in the model, so a loaded model keeps its own. The
+        default "identity" changes no character, so decoded text can hold whatever the
+        training text held (``…``, ``ﬁ``, full-width digits), as raw BLEU references do.
+        SentencePiece's own default, "nmt_nfkc" (the rule of models trained here before),
+        folds them (``…`` -> ``...``). Whitespace handling is separate and unchanged: runs of
+        spaces collapse, leading and trailing ones are dropped.
         """
         if model_type not in ("unigram", "bpe"):
             raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
         if vocab_size < 8:
             raise ValueError(f"vocab_size must be >= 8, got {vocab_size}")
+        if normalization not in NORMALIZATION_RULES:
+            raise ValueError(f"normalization must be one of {NORMALIZATION_RULES}, got "
+                             f"{normalization!r}")
         sentences = [t for t in (s.strip() for s in texts) if t]
         if not sentences:
             raise ValueError("cannot train a subword model on an empty corpus")
@@ -71,6 +85,7 @@ class SubwordTokenizer:
             "model_type": model_type,
             "character_coverage": character_coverage,
             "max_sentence_length": max(MAX_SENTENCE_BYTES, *(len(t.encode()) for t in sentences)),
+            "normalization_rule_name": normalization,
         }
         size = vocab_size
         for _ in range(3):
@@ -142,7 +157,8 @@ class SubwordTokenizer:
 
     def normalize(self, text: str) -> str:
         """``text`` as ``decode(encode(text))`` would give it back barring unknown pieces: with
-        the model's own normalization (by default NFKC, ``…`` -> ``...``, whitespace collapsed)."""
+        the model's own normalization (see ``train``: characters unchanged for models trained
+        here now, NFKC for older ones, ``…`` -> ``...``), whitespace collapsed."""
         return str(self._sp.normalize(text)).replace("\u2581", " ").strip()
 
     def decode(self, ids: Iterable[int]) -> str:
