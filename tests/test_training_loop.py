@@ -434,6 +434,17 @@ def test_a_diverging_run_stops_before_its_lost_weights_overwrite_a_checkpoint(tm
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2  # the healthy run's
 
 
+def test_a_run_diverging_before_its_first_checkpoint_says_so_in_one_sentence(tmp_path):
+    config = TrainingConfig(task="copy", steps=4, batch_size=8, max_examples=40,
+                            num_buckets=1, log_every=2, eval_every=1000,
+                            checkpoint_every=1000, eval_examples=8, eval_batch_size=40,
+                            lr_schedule="constant", learning_rate=1e30, warmup_steps=1,
+                            grad_clip=0.0, seed=3)
+    with pytest.raises(loop.TrainingDiverged, match=r"\(learning rate [^)]*\); no checkpoint "
+                       r"was saved: start again with a lower --learning-rate"):
+        train(RESUME_MODEL, config, tmp_path, progress=False)
+
+
 def test_strict_json_summary_values():
     assert loop._strict({"a": float("nan"), "b": [1.0, float("inf")], "c": "x", "d": 2}) == {
         "a": None, "b": [1.0, None], "c": "x", "d": 2}

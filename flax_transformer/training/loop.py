@@ -352,7 +352,7 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
         saved = checkpointer.latest_step()
         checkpointer.close()
         writer.close()
-        keep = ("no checkpoint was saved" if saved is None else
+        keep = ("no checkpoint was saved:" if saved is None else
                 f"the checkpoint of step {saved} is kept; lower the rate and continue with "
                 "--resume, or")
         raise TrainingDiverged(
