@@ -188,6 +188,31 @@ def test_repeated_calls_do_not_recompile():
     assert [f._cache_size() for f in _cached_functions()] == sizes
 
 
+def test_a_model_in_train_mode_shares_the_eval_modes_compiled_search():
+    """Decoding runs a model in eval mode, so the mode a caller left it in selects no other
+    compiled loop: a training run that decodes its validation set between steps, and then
+    the eval-mode model, compile each search once."""
+    from flax_transformer.decoding import sequence_log_probs
+    from flax_transformer.decoding.score import _compiled_scorer
+
+    model = model_for(0)
+    tgt = np.array([[5, 6, EOS_ID], [7, EOS_ID, PAD_ID], [5, 5, EOS_ID]], np.int32)
+    train_mode = (greedy_decode(model, SRC, max_len=MAX_LEN),
+                  beam_search(model, SRC, beam_size=2, max_len=MAX_LEN)[0],
+                  sequence_log_probs(model, SRC, tgt))
+    caches = (_compiled_search, _compiled_beam_search, _compiled_scorer)
+    misses = [c.cache_info().misses for c in caches]
+    eval_view = nnx.view(model, deterministic=True)
+    model.eval()  # in place, as a caller switching modes does
+    for other in (eval_view, model):
+        outputs = (greedy_decode(other, SRC, max_len=MAX_LEN),
+                   beam_search(other, SRC, beam_size=2, max_len=MAX_LEN)[0],
+                   sequence_log_probs(other, SRC, tgt))
+        for got, want in zip(outputs, train_mode):
+            np.testing.assert_array_equal(got, want)
+    assert [c.cache_info().misses for c in caches] == misses
+
+
 def _cached_functions():
     # lru_cache keeps no public list of values; rebuild the greedy entry (a cache hit).
     from flax_transformer.decoding.common import split_model
