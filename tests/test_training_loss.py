@@ -45,6 +45,8 @@ def test_label_smoothed_loss_matches_numpy(batch, eps):
     assert float(stats["tokens"]) == (targets != 0).sum()
     nll_mean, _ = reference_loss(logits, targets, 0.0)
     np.testing.assert_allclose(summarize(stats)["nll"], nll_mean, rtol=1e-5)
+    count = summarize(stats)["tokens"]  # a count, logged as an integer (metrics.jsonl)
+    assert type(count) is int and count == (targets != 0).sum()
 
 
 def test_padding_is_ignored(batch):

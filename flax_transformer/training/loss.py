@@ -58,12 +58,13 @@ def token_accuracy(logits: jnp.ndarray, targets: jnp.ndarray, *, pad_id: int = P
     return stats["correct"] / jnp.maximum(stats["tokens"], 1.0)
 
 
-def summarize(stats: dict[str, float]) -> dict[str, float]:
-    """Host-side means from summed statistics: loss, nll (per token) and accuracy."""
+def summarize(stats: dict[str, float]) -> dict[str, float | int]:
+    """Host-side means from summed statistics: loss, nll (per token), accuracy; and tokens,
+    the count of non-pad target tokens."""
     tokens = max(float(stats["tokens"]), 1.0)
     return {
         "loss": float(stats["loss_sum"]) / tokens,
         "nll": float(stats["nll_sum"]) / tokens,
         "accuracy": float(stats["correct"]) / tokens,
-        "tokens": float(stats["tokens"]),
+        "tokens": round(float(stats["tokens"])),  # a count (summed as float32 on device)
     }
