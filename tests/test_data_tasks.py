@@ -28,3 +28,13 @@ def test_seen_in_training_counts_every_example_of_the_split():
     assert seen_in_training("test", ["x y", "z"], ["x  y", "w"], "file t.tsv").startswith(
         "test (file t.tsv): 1 of its 2 sources also occur in the training split")
     assert seen_in_training("test", ["z", "z"], ["w"], "file t.tsv") is None
+
+
+def test_a_training_split_unknown_to_a_reused_tokenizer_is_warned_about():
+    vocab = Vocab(["a", "b"])
+    task = Task("t", vocab, vocab, train=[_example([UNK_ID]), _example([UNK_ID]), _example([4])],
+                valid=[_example([4])], test=[_example([5])])
+    assert unknown_text_warnings(task) == [
+        "train: 2 of its 3 sources are unknown to the tokenizer (nothing but <unk>, spaces and "
+        "punctuation: a tokenizer reused from another run (--init-from) that never saw this "
+        "script?), so the model cannot learn from them; check the train data"]

@@ -144,13 +144,14 @@ def _wordless_ids(tokenizer: Tokenizer) -> set[int]:
 
 
 def unknown_text_warnings(task: Task) -> list[str]:
-    """One warning per valid/test side (source, target) where more than half of the examples
+    """One warning per split and side (source, target) where more than half of the examples
     are unknown to the tokenizer: <unk> tokens and nothing else but spaces and punctuation,
     as text in another script than the tokenizer was built from gives. (A stricter "all of
-    them" would miss a file with a few numbers or names in it.)"""
+    them" would miss a file with a few numbers or names in it.) The training split can be
+    unknown only to a reused tokenizer (`init_from`): one built here is built from it."""
     out = []
     wordless: dict[int, set[int]] = {}  # by id(tokenizer): source and target may share one
-    for split in ("valid", "test"):
+    for split in SPLITS:
         examples = task.split(split)
         if not examples:
             continue
@@ -159,11 +160,17 @@ def unknown_text_warnings(task: Task) -> list[str]:
                 wordless[id(tokenizer)] = _wordless_ids(tokenizer)
             unknown = sum(UNK_ID in ids and wordless[id(tokenizer)].issuperset(ids) for ids in
                           (e.src if side == "source" else e.tgt for e in examples))
-            if 2 * unknown > len(examples):
-                out.append(f"{split}: {unknown} of its {len(examples)} {side}s are unknown to "
-                           f"the tokenizer (nothing but <unk>, spaces and punctuation: another "
-                           f"script or alphabet than the training text?), so its scores "
-                           f"measure nothing the model could learn; check the {split} data")
+            if 2 * unknown <= len(examples):
+                continue
+            if split == "train":
+                why, effect = ("a tokenizer reused from another run (--init-from) that never "
+                               "saw this script", "the model cannot learn from them")
+            else:
+                why, effect = ("another script or alphabet than the training text",
+                               "its scores measure nothing the model could learn")
+            out.append(f"{split}: {unknown} of its {len(examples)} {side}s are unknown to the "
+                       f"tokenizer (nothing but <unk>, spaces and punctuation: {why}?), so "
+                       f"{effect}; check the {split} data")
     return out
 
 
