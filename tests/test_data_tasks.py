@@ -38,3 +38,4 @@ def test_a_training_split_unknown_to_a_reused_tokenizer_is_warned_about():
         "train: 2 of its 3 sources are unknown to the tokenizer (nothing but <unk>, spaces and "
         "punctuation: a tokenizer reused from another run (--init-from) that never saw this "
         "script?), so the model cannot learn from them; check the train data"]
+    assert task.data_warnings(("valid", "test")) == []  # scoring looks at what it scores

@@ -98,10 +98,11 @@ class Task:
         hits = sum(strip_special(p) == strip_special(e.tgt) for p, e in zip(predictions, examples))
         return {self.metric_name: hits / len(examples), "num_examples": len(examples)}
 
-    def data_warnings(self) -> list[str]:
-        """The loader's ``warnings`` and `unknown_text_warnings`: valid and test data that
-        cannot measure what its scores seem to (training prints them)."""
-        return [*self.warnings, *unknown_text_warnings(self)]
+    def data_warnings(self, splits: Sequence[str] = SPLITS) -> list[str]:
+        """The loader's ``warnings`` and `unknown_text_warnings` of `splits`: data that
+        cannot measure, or teach, what a run seems to (training prints them for every split,
+        scoring for the splits it scores)."""
+        return [*self.warnings, *unknown_text_warnings(self, splits)]
 
     def save_tokenizers(self, directory: str | Path) -> None:
         """Writes the tokenizers and ``task.json`` so that ``restore_task`` can rebuild them."""
@@ -143,15 +144,16 @@ def _wordless_ids(tokenizer: Tokenizer) -> set[int]:
             or not any(c.isalnum() for c in tokenizer.symbol_of(i))}
 
 
-def unknown_text_warnings(task: Task) -> list[str]:
-    """One warning per split and side (source, target) where more than half of the examples
-    are unknown to the tokenizer: <unk> tokens and nothing else but spaces and punctuation,
-    as text in another script than the tokenizer was built from gives. (A stricter "all of
-    them" would miss a file with a few numbers or names in it.) The training split can be
-    unknown only to a reused tokenizer (`init_from`): one built here is built from it."""
+def unknown_text_warnings(task: Task, splits: Sequence[str] = SPLITS) -> list[str]:
+    """One warning per split of `splits` and side (source, target) where more than half of
+    the examples are unknown to the tokenizer: <unk> tokens and nothing else but spaces and
+    punctuation, as text in another script than the tokenizer was built from gives. (A
+    stricter "all of them" would miss a file with a few numbers or names in it.) The
+    training split can be unknown only to a reused tokenizer (`init_from`): one built here
+    is built from it."""
     out = []
     wordless: dict[int, set[int]] = {}  # by id(tokenizer): source and target may share one
-    for split in SPLITS:
+    for split in splits:
         examples = task.split(split)
         if not examples:
             continue

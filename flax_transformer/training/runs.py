@@ -183,7 +183,7 @@ def evaluate_run(workdir: str | Path, *, rescore_with: Sequence[str | Path] = ()
     if changed:
         print(f"warning: the data changed since the run in {workdir} started "
               f"({'; '.join(changed)}); it is scored on the data as it is now", file=sys.stderr)
-    for warning in task.data_warnings():
+    for warning in task.data_warnings(splits):
         print(f"warning: {warning}", file=sys.stderr)
     chosen = {split: task.split(split) for split in splits}
     chosen = {split: examples for split, examples in chosen.items() if examples}
