@@ -43,7 +43,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
@@ -56,6 +55,7 @@ import optax
 from flax import nnx
 
 from benchmarks import common
+from benchmarks.common import time_steps
 from benchmarks.flops import DATASHEET_PEAK, measured_peak_flops, train_step_flops
 from benchmarks.peer_flax import FlaxPeerTransformer
 from flax_transformer import TransformerConfig
@@ -226,20 +226,6 @@ def start_torch_peer(config: TransformerConfig, batch: int, length: int, args):
             print("torch has no CUDA here (a CPU build?): torch peer skipped", file=sys.stderr)
             return None
         raise RuntimeError(f"torch peer failed:\n{str(error)[-2000:]}") from None
-
-
-def time_steps(run, steps: int) -> tuple[float, float]:
-    """(total, host) seconds per step over `steps` steps, synchronising once at the end.
-
-    host: the Python loop's time until its last step was issued. Near the total, the host is
-    the bottleneck (dispatch, or a runtime that blocks on a full queue); far below it, the
-    device is."""
-    start = time.perf_counter()
-    for _ in range(steps):
-        value = run()
-    issued = time.perf_counter()
-    jax.block_until_ready(value)
-    return (time.perf_counter() - start) / steps, (issued - start) / steps
 
 
 def compute_dtype(requested: str) -> str:

@@ -144,6 +144,21 @@ def time_fn(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def time_steps(run, steps: int, wait=_sync) -> tuple[float, float]:
+    """(total, host) seconds per step over `steps` calls of `run`, waiting once at the end
+    (`wait(last result)`: JAX's block_until_ready by default; torch passes `.item()`).
+
+    host: the Python loop's time until its last step was issued. Near the total, the host is
+    the bottleneck (dispatch, or a runtime that blocks on a full queue); far below it, the
+    device is."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        value = run()
+    issued = time.perf_counter()
+    wait(value)
+    return (time.perf_counter() - start) / steps, (issued - start) / steps
+
+
 def command_line(module: str, argv=None) -> str:
     """`python -m benchmarks.<module>` and its arguments (`argv`, or this process's), quoted
     for a shell: the command a RESULTS.md section names."""

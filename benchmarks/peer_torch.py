@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 
 import numpy as np
 
-from benchmarks.common import positive_int
+from benchmarks.common import positive_int, time_steps
 from flax_transformer import TransformerConfig
 from flax_transformer.kernels import sinusoidal_positions
 
@@ -100,15 +99,8 @@ def build_torch_step(c: TransformerConfig, batch: int, src_len: int, tgt_len: in
     return step, sum(p.numel() for p in model.parameters())
 
 
-def time_block(step, steps: int) -> tuple[float, float]:
-    """(total, host) seconds per step of `steps` steps, synchronising once at the end: the
-    host time is until the last step was issued (as `bench_train.time_steps`)."""
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    issued = time.perf_counter()
-    loss.item()  # waits for the device
-    return (time.perf_counter() - start) / steps, (issued - start) / steps
+def _wait(loss) -> None:
+    loss.item()  # a device tensor: waits for the device
 
 
 def main(argv=None) -> None:
@@ -152,10 +144,10 @@ def main(argv=None) -> None:
     if args.serve:
         print(json.dumps(about), flush=True)
         for _ in sys.stdin:
-            total, host = time_block(step, args.steps)
+            total, host = time_steps(step, args.steps, wait=_wait)
             print(json.dumps({"seconds": total, "host_seconds": host}), flush=True)
         return
-    blocks = [time_block(step, args.steps) for _ in range(args.repeats)]
+    blocks = [time_steps(step, args.steps, wait=_wait) for _ in range(args.repeats)]
     print(json.dumps({"seconds": [total for total, _ in blocks],
                       "host_seconds": [host for _, host in blocks], **about}))
 
