@@ -114,6 +114,38 @@ def test_checkpoint_round_trip_is_identical(tmp_path):
     checkpointer.close()
 
 
+def test_an_abstract_model_is_a_restore_target_that_draws_no_parameters(tmp_path):
+    """init_model(abstract=True), what --predict, --evaluate and --resume restore into: the
+    eager model's parameter shapes, graphdefs and dropout streams (bit for bit), and a state
+    target from which a checkpoint restores exactly."""
+    model = TransformerConfig.preset("tiny", d_model=64, d_ff=128, max_len=32, dropout_rate=0.1,
+                                     src_vocab_size=20, tgt_vocab_size=20)
+    parts, params = init_model(model, 5)
+    abstract_parts, shapes = init_model(model, 5, abstract=True)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(shapes))
+    assert jax.tree.structure(shapes) == jax.tree.structure(params)
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(shapes)] == [
+        (x.shape, x.dtype) for x in jax.tree.leaves(params)]
+    assert abstract_parts.train_graphdef == parts.train_graphdef
+    assert abstract_parts.eval_graphdef == parts.eval_graphdef
+
+    def raw(tree):  # typed keys as their uint32 data
+        return jax.tree.map(lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(
+            x.dtype, jax.dtypes.prng_key) else x, tree)
+
+    assert jax.tree.leaves(parts.rest)  # dropout streams to compare
+    assert _leaves_equal(raw(abstract_parts.rest), raw(parts.rest))
+
+    tx = optax.adam(1e-3)
+    state = init_train_state(params, tx, 5)
+    target = init_train_state(shapes, tx, 5)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(target))
+    checkpointer = Checkpointer(tmp_path, keep=2)
+    checkpointer.save(state)
+    assert _leaves_equal(checkpointer.restore(target), state)
+    checkpointer.close()
+
+
 def test_train_state_holds_plain_arrays_before_and_after_a_step():
     # Variables in a jitted step's arguments cost a Python rebuild per leaf per call.
     task = load_task("copy", max_examples=16)

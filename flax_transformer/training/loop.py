@@ -238,7 +238,9 @@ def train(model_config: TransformerConfig, config: TrainingConfig, workdir: str 
                           target_len=max(buckets),
                           accumulate_steps=config.accumulate_steps)  # before allocating it
 
-    parts, params = init_model(model_config, config.seed)
+    # Resumed or fine-tuned, the parameters come from a checkpoint: none are drawn.
+    parts, params = init_model(model_config, config.seed,
+                               abstract=resume or init_from is not None)
     origin = "starting at"
     if init_from is not None:
         params, source_step = pretrained_params(init_from, model_config, params)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
 from ..config import TransformerConfig
@@ -63,7 +62,7 @@ def latest_state(workdir: str | Path, config_overrides: dict[str, Any] | None = 
                                 keep_checkpoints=max(config.keep_checkpoints, average))
     checkpointer = Checkpointer(workdir, config.keep_checkpoints, create=False)
     try:
-        parts, params = init_model(model_config, config.seed)
+        parts, params = init_model(model_config, config.seed, abstract=True)
         tx, _ = make_optimizer(config, model_config.d_model)
         state, _ = checkpointer.restore_average(init_train_state(params, tx, config.seed),
                                                 config.average_checkpoints)
@@ -74,12 +73,13 @@ def latest_state(workdir: str | Path, config_overrides: dict[str, Any] | None = 
 
 def pretrained_params(workdir: str | Path, model_config: TransformerConfig, params):
     """(parameters, step) of the latest checkpoint in `workdir`, for a run of `model_config`
-    whose freshly initialised `params` they replace (`TrainingConfig.init_from`).
+    whose `params` (fresh arrays, or `init_model(..., abstract=True)`'s shapes) they replace
+    (`TrainingConfig.init_from`).
 
     Raises ValueError naming the model settings that differ when the shapes do not match."""
     _, state, source_config, _ = latest_state(workdir)
     fits = jax.tree.structure(params) == jax.tree.structure(state.params) and all(
-        np.shape(a) == np.shape(b)
+        a.shape == b.shape
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)))
     if not fits:
         differ = [f"{name} {getattr(source_config, name)} there vs {getattr(model_config, name)}"
