@@ -141,7 +141,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
     run.add_argument("--overwrite", action="store_true",
                      help="delete a previous run's files in --workdir and start again")
     run.add_argument("--predict", nargs="+", metavar="TEXT", default=None,
-                     help="load the latest checkpoint in --workdir and print the outputs")
+                     help="load the latest checkpoint in --workdir and print each text and "
+                          "its output, tab-separated; '-' reads the texts from standard "
+                          "input, one per line (blank lines skipped)")
     run.add_argument("--evaluate", action="store_true",
                      help="score the latest checkpoint in --workdir on all valid and test "
                           "examples (decoding flags such as --beam-size apply, and "
@@ -163,6 +165,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
     clash = set(training) & set(model)
     assert not clash, f"flag names defined twice: {clash}"
     return parser, training, model
+
+
+def stdin_texts() -> list[str]:
+    """`--predict -`: the non-blank lines of standard input, without their line ends."""
+    texts = [line.rstrip("\r\n") for line in sys.stdin]
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        raise ValueError("--predict -: standard input held no text; give one input per line")
+    return texts
 
 
 def run(args: argparse.Namespace, training_fields: list[str], model_fields: list[str]) -> int:
@@ -224,9 +235,10 @@ def run(args: argparse.Namespace, training_fields: list[str], model_fields: list
         return 0
 
     if args.predict is not None:
-        outputs = predict(workdir, args.predict, config_overrides=decoding,
+        texts = stdin_texts() if args.predict == ["-"] else args.predict
+        outputs = predict(workdir, texts, config_overrides=decoding,
                           ensemble_with=args.ensemble_with or ())
-        for text, output in zip(args.predict, outputs):
+        for text, output in zip(texts, outputs):
             print(f"{text}\t{output}")
         return 0
 

@@ -1,6 +1,7 @@
 """train.py end to end on the copy task, --predict, and one-line errors for bad input."""
 
 import importlib.util
+import io
 import json
 import re
 import shutil
@@ -128,6 +129,21 @@ def test_end_to_end_on_copy_then_predict(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(config_module, "native_compute_dtype", lambda: "float32")
     assert train_cli.main(resume_auto) == 0
     assert "done: 16 steps" in capsys.readouterr().out
+
+    # --predict - reads standard input, one text per line (blank lines skipped); a long list
+    # is decoded in batches of --eval-batch-size, each text's output its own, in order.
+    texts = ["a b c", "d e", "e", "a a b b c c", "c b", "d", "b c d e a"]
+    assert train_cli.main(["--workdir", str(workdir), "--predict", *texts]) == 0
+    together = capsys.readouterr().out
+    assert len(together.splitlines()) == len(texts)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(texts[:3]) + "\n\n \n"
+                                                  + "\r\n".join(texts[3:]) + "\n"))
+    assert train_cli.main(["--workdir", str(workdir), "--predict", "-",
+                           "--eval-batch-size", "2"]) == 0
+    assert capsys.readouterr().out == together
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n \n"))
+    _one_error_line(capsys, ["--workdir", str(workdir), "--predict", "-"],
+                    "standard input held no text")
 
     # Bad input around an existing run.
     _one_error_line(capsys, ["--workdir", str(workdir), "--predict", "a", " "], "is empty")

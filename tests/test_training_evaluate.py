@@ -1,9 +1,13 @@
 """Evaluation shapes: every split of a run is padded to the same few lengths."""
 
-from flax_transformer import TransformerConfig
-from flax_transformer.data import Example
+import numpy as np
+from flax import nnx
+
+from flax_transformer import Transformer, TransformerConfig
+from flax_transformer.data import Example, load_task
 from flax_transformer.training import TrainingConfig, loop
-from flax_transformer.training.evaluate import EvalSet, eval_bucket_lengths
+from flax_transformer.training import evaluate as evaluate_module
+from flax_transformer.training.evaluate import EvalSet, eval_bucket_lengths, predict_texts
 
 
 def _examples(lengths):
@@ -84,3 +88,28 @@ def test_a_prediction_does_not_depend_on_the_other_sources_of_its_batch():
         assert (alone[0] != 0).sum() == decode_len(48, 3)  # no eos: it used its whole budget
         np.testing.assert_array_equal(beside[0, :alone.shape[1]], alone[0])
         assert np.all(beside[0, alone.shape[1]:] == 0)
+
+
+def test_predict_texts_decodes_a_long_list_in_few_shapes_each_output_its_own(monkeypatch):
+    """--predict of many texts: batches of eval_batch_size rows padded to eval_buckets
+    lengths (bounded memory, few compilations), and every output lands on its own text. A
+    stand-in decoder copies each source, so the outputs say which text each row was."""
+    task = load_task("copy", max_examples=16)
+    model = Transformer(TransformerConfig.preset("tiny", max_len=32,
+                                                 src_vocab_size=task.src_vocab_size,
+                                                 tgt_vocab_size=task.tgt_vocab_size),
+                        rngs=nnx.Rngs(0))
+    shapes = []
+
+    def copy_decoder(model, src, config, max_len=None, devices=None):
+        shapes.append(src.shape)
+        return np.concatenate([src, np.zeros_like(src)], axis=1)  # eos, then padding
+
+    monkeypatch.setattr(evaluate_module, "decode_batch", copy_decoder)
+    symbols = "a b c d e f g h".split()
+    texts = [" ".join(symbols[i % 8:][:1 + i % 5] + symbols[:i // 8]) for i in range(11)]
+    assert len(set(texts)) == 11 and len({len(text) for text in texts}) > 2
+    config = TrainingConfig(task="copy", eval_batch_size=3, eval_buckets=2)
+    assert predict_texts(model, task, texts, config) == texts
+    assert {rows for rows, _ in shapes} == {3} and len({width for _, width in shapes}) <= 2
+    assert len(shapes) <= 5  # 11 texts in batches of 3, split over at most 2 lengths

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from ..data import (
+    EOS_ID,
     UNK_ID,
     Example,
     Task,
@@ -181,13 +182,16 @@ def predict_texts(model, task: Task, texts: Sequence[str], config: TrainingConfi
                   devices=None) -> list[str]:
     """Outputs for raw input texts (e.g. words -> pronunciations), in the order given.
     `model`: a Transformer or a list of them (an ensemble, beam search only); `devices` as
-    for `decode_batch`."""
+    for `decode_batch`. The texts are decoded as an evaluation split is: in batches of at
+    most `config.eval_batch_size` rows padded to `config.eval_buckets` lengths, so a long
+    list costs a few compiled shapes and bounded memory, and each output is its text's
+    alone (its decoding budget comes from its own length)."""
     if not texts:
         raise ValueError("--predict needs at least one input text")
     from ..decoding import ensemble_members
 
     limit = ensemble_members(model)[0].config.max_len
-    encoded = []
+    examples = []
     for text in texts:
         if not text.strip():
             raise ValueError(f"input {text!r} is empty; give some text to --predict")
@@ -201,12 +205,8 @@ def predict_texts(model, task: Task, texts: Sequence[str], config: TrainingConfi
                 f"input {text[:40]!r} is {len(ids)} tokens long, more than the model's "
                 f"max_len={limit}; shorten it"
             )
-        encoded.append(ids)
-    width = max(len(ids) for ids in encoded)
-    src = np.zeros((len(encoded), width), np.int32)
-    for row, ids in enumerate(encoded):
-        src[row, : len(ids)] = ids
-    tokens = decode_batch(model, src, config, devices=devices)
-    if config.reverse_target:
-        return [task.decode_target(reverse_tokens(row)) for row in tokens]
-    return [task.decode_target(row.tolist()) for row in tokens]
+        examples.append(Example(src=ids, tgt=[EOS_ID]))  # no target: its shortest stand-in
+    lengths = eval_bucket_lengths([examples], config.eval_buckets, limit)
+    batch_size = eval_batch_size(config.eval_batch_size, [examples])
+    inputs = EvalSet(examples, lengths, limit, batch_size)
+    return [task.decode_target(row) for row in decode_examples(model, inputs, config, devices)]
