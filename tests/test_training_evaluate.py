@@ -113,3 +113,6 @@ def test_predict_texts_decodes_a_long_list_in_few_shapes_each_output_its_own(mon
     assert predict_texts(model, task, texts, config) == texts
     assert {rows for rows, _ in shapes} == {3} and len({width for _, width in shapes}) <= 2
     assert len(shapes) <= 5  # 11 texts in batches of 3, split over at most 2 lengths
+    shapes.clear()  # texts that fit one batch: one length, so one compiled search
+    assert predict_texts(model, task, texts[:3], config) == texts[:3]
+    assert shapes == [(3, max(len(text.split()) for text in texts[:3]) + 1)]

@@ -183,9 +183,9 @@ def predict_texts(model, task: Task, texts: Sequence[str], config: TrainingConfi
     """Outputs for raw input texts (e.g. words -> pronunciations), in the order given.
     `model`: a Transformer or a list of them (an ensemble, beam search only); `devices` as
     for `decode_batch`. The texts are decoded as an evaluation split is: in batches of at
-    most `config.eval_batch_size` rows padded to `config.eval_buckets` lengths, so a long
-    list costs a few compiled shapes and bounded memory, and each output is its text's
-    alone (its decoding budget comes from its own length)."""
+    most `config.eval_batch_size` rows padded to `config.eval_buckets` lengths (one length
+    when they fit one batch), so a long list costs a few compiled shapes and bounded memory,
+    and each output is its text's alone (its decoding budget comes from its own length)."""
     if not texts:
         raise ValueError("--predict needs at least one input text")
     from ..decoding import ensemble_members
@@ -206,7 +206,9 @@ def predict_texts(model, task: Task, texts: Sequence[str], config: TrainingConfi
                 f"max_len={limit}; shorten it"
             )
         examples.append(Example(src=ids, tgt=[EOS_ID]))  # no target: its shortest stand-in
-    lengths = eval_bucket_lengths([examples], config.eval_buckets, limit)
     batch_size = eval_batch_size(config.eval_batch_size, [examples])
+    # A second length costs a second compiled search, worth it only over several batches.
+    batches = -(-len(examples) // batch_size)
+    lengths = eval_bucket_lengths([examples], min(config.eval_buckets, batches), limit)
     inputs = EvalSet(examples, lengths, limit, batch_size)
     return [task.decode_target(row) for row in decode_examples(model, inputs, config, devices)]
