@@ -168,9 +168,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
 
 
 def stdin_texts() -> list[str]:
-    """`--predict -`: the non-blank lines of standard input, without their line ends."""
-    texts = [line.rstrip("\r\n") for line in sys.stdin]
-    texts = [text for text in texts if text.strip()]
+    """`--predict -`: the non-blank lines of standard input (UTF-8), without their line ends."""
+    texts = []
+    for number, line in enumerate(getattr(sys.stdin, "buffer", sys.stdin), start=1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"--predict -: line {number} of standard input is not UTF-8 "
+                                 f"text ({err.reason} at byte {err.start})") from None
+        if line.strip():
+            texts.append(line.rstrip("\r\n"))
     if not texts:
         raise ValueError("--predict -: standard input held no text; give one input per line")
     return texts

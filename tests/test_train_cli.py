@@ -144,6 +144,9 @@ def test_end_to_end_on_copy_then_predict(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n \n"))
     _one_error_line(capsys, ["--workdir", str(workdir), "--predict", "-"],
                     "standard input held no text")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a b\n\nc \xff d\n")))
+    _one_error_line(capsys, ["--workdir", str(workdir), "--predict", "-"],
+                    "line 3 of standard input is not UTF-8 text")
 
     # Bad input around an existing run.
     _one_error_line(capsys, ["--workdir", str(workdir), "--predict", "a", " "], "is empty")
