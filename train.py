@@ -177,6 +177,8 @@ def stdin_texts() -> list[str]:
             except UnicodeDecodeError as err:
                 raise ValueError(f"--predict -: line {number} of standard input is not UTF-8 "
                                  f"text ({err.reason} at byte {err.start})") from None
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # the byte order mark some editors write
         if line.strip():
             texts.append(line.rstrip("\r\n"))
     if not texts:

@@ -130,13 +130,13 @@ def test_end_to_end_on_copy_then_predict(tmp_path, capsys, monkeypatch):
     assert train_cli.main(resume_auto) == 0
     assert "done: 16 steps" in capsys.readouterr().out
 
-    # --predict - reads standard input, one text per line (blank lines skipped); a long list
-    # is decoded in batches of --eval-batch-size, each text's output its own, in order.
+    # --predict - reads standard input, one text per line (blank lines and a BOM skipped); a
+    # long list is decoded in batches of --eval-batch-size, each text's output its own, in order.
     texts = ["a b c", "d e", "e", "a a b b c c", "c b", "d", "b c d e a"]
     assert train_cli.main(["--workdir", str(workdir), "--predict", *texts]) == 0
     together = capsys.readouterr().out
     assert len(together.splitlines()) == len(texts)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(texts[:3]) + "\n\n \n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\ufeff" + "\n".join(texts[:3]) + "\n\n \n"
                                                   + "\r\n".join(texts[3:]) + "\n"))
     assert train_cli.main(["--workdir", str(workdir), "--predict", "-",
                            "--eval-batch-size", "2"]) == 0
