@@ -90,7 +90,8 @@ def test_a_prediction_does_not_depend_on_the_other_sources_of_its_batch():
         assert np.all(beside[0, alone.shape[1]:] == 0)
 
 
-def test_predict_texts_decodes_a_long_list_in_few_shapes_each_output_its_own(monkeypatch):
+def test_predict_texts_decodes_a_long_list_in_few_shapes_each_output_its_own(monkeypatch,
+                                                                               capsys):
     """--predict of many texts: batches of eval_batch_size rows padded to eval_buckets
     lengths (bounded memory, few compilations), and every output lands on its own text. A
     stand-in decoder copies each source, so the outputs say which text each row was."""
@@ -113,6 +114,14 @@ def test_predict_texts_decodes_a_long_list_in_few_shapes_each_output_its_own(mon
     assert predict_texts(model, task, texts, config) == texts
     assert {rows for rows, _ in shapes} == {3} and len({width for _, width in shapes}) <= 2
     assert len(shapes) <= 5  # 11 texts in batches of 3, split over at most 2 lengths
+    # Inputs with unknown tokens are named one by one up to a few, then counted.
+    capsys.readouterr()
+    assert len(predict_texts(model, task, ["zzz a"] * 8, config)) == 8
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert warnings[:5] == ["warning: input 'zzz a' has 1 token(s) the model never saw in "
+                            "training; they are read as unknown"] * 5
+    assert warnings[5:] == ["warning: 3 more inputs have tokens the model never saw in "
+                            "training"]
     shapes.clear()  # texts that fit one batch: one length, so one compiled search
     assert predict_texts(model, task, texts[:3], config) == texts[:3]
     assert shapes == [(3, max(len(text.split()) for text in texts[:3]) + 1)]

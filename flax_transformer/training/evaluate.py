@@ -178,6 +178,9 @@ def evaluate(model, eval_step, params, loss_set: EvalSet | None, decode_set: Eva
     return results
 
 
+MAX_UNKNOWN_WARNINGS = 5  # inputs named one by one; the rest are counted
+
+
 def predict_texts(model, task: Task, texts: Sequence[str], config: TrainingConfig,
                   devices=None) -> list[str]:
     """Outputs for raw input texts (e.g. words -> pronunciations), in the order given.
@@ -191,13 +194,14 @@ def predict_texts(model, task: Task, texts: Sequence[str], config: TrainingConfi
     from ..decoding import ensemble_members
 
     limit = ensemble_members(model)[0].config.max_len
-    examples = []
+    examples, with_unknown = [], 0
     for text in texts:
         if not text.strip():
             raise ValueError(f"input {text!r} is empty; give some text to --predict")
         ids = task.encode_source(text)
         unknown = sum(1 for token in ids if token == UNK_ID)
-        if unknown:
+        with_unknown += unknown > 0
+        if unknown and with_unknown <= MAX_UNKNOWN_WARNINGS:
             print(f"warning: input {text[:40]!r} has {unknown} token(s) the model never saw "
                   "in training; they are read as unknown", file=sys.stderr)
         if len(ids) > limit:
@@ -206,6 +210,9 @@ def predict_texts(model, task: Task, texts: Sequence[str], config: TrainingConfi
                 f"max_len={limit}; shorten it"
             )
         examples.append(Example(src=ids, tgt=[EOS_ID]))  # no target: its shortest stand-in
+    if with_unknown > MAX_UNKNOWN_WARNINGS:
+        print(f"warning: {with_unknown - MAX_UNKNOWN_WARNINGS} more inputs have tokens the "
+              "model never saw in training", file=sys.stderr)
     batch_size = eval_batch_size(config.eval_batch_size, [examples])
     # A second length costs a second compiled search, worth it only over several batches.
     batches = -(-len(examples) // batch_size)
